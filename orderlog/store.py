@@ -1,0 +1,687 @@
+"""The SQLite event log: migrations, group-committed appends, reads, projections, hash chain.
+
+One file in WAL mode. One writer at a time (``BEGIN IMMEDIATE``), any number of readers
+(read-only connections see a committed prefix of the log). Every write is one transaction
+that appends the events, records the commands for idempotency and updates the projections,
+so the projections are always exactly the fold of the log up to ``meta.projection_seq``.
+
+This module does blocking I/O: the service calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+import secrets
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import attrs
+
+from .domain import (
+    Command,
+    Event,
+    Order,
+    Principal,
+    Rejected,
+    State,
+    Stock,
+    decide,
+    evolve_order,
+    evolve_stock,
+    fold,
+    order_of_event,
+    stream_of,
+)
+
+ZERO_HASH = bytes(32)
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+BUSY_TIMEOUT_MS = 10_000  # how long a connection waits for another writer's lock
+SQL_IN_CHUNK = 500  # keys per "IN (...)" lookup, well under SQLite's variable limit
+
+EVENT_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash"
+
+
+class StoreError(Exception):
+    """The database cannot be used: missing, not SQLite, not an orderlog, too new. One line."""
+
+
+class Unavailable(Exception):
+    """A write could not be committed (disk full, read-only file, lock timeout); nothing was written."""
+
+
+# -- time and canonical forms ----------------------------------------------------------------
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and a Z, the form of every stored `at`."""
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 time with an offset; ValueError if malformed."""
+    if not isinstance(text, str) or not re.match(r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z", text):
+        raise ValueError(f"not an RFC 3339 time with an offset: {text!r}")
+    moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    return moment.astimezone(timezone.utc)
+
+
+def time_bound(text: str) -> str:
+    """A filter time as the stored form, rounded up to the millisecond.
+
+    Stored times have millisecond precision, so `at >= t` equals `at >= ceil_ms(t)` and
+    `at < t` equals `at < ceil_ms(t)`: string comparison then compares instants.
+    """
+    moment = parse_time(text)
+    if moment.microsecond % 1000:
+        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+    return format_time(moment)
+
+
+def dumps(value: Any) -> str:
+    """The canonical JSON text: sorted keys, no spaces, UTF-8 as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(prev_hash: bytes, event: Event) -> str:
+    """`sha256(prev_hash + canonical(event))`, hex (PROTOCOL.md section 5)."""
+    body = {
+        "seq": event.seq,
+        "stream": event.stream,
+        "version": event.version,
+        "type": event.type,
+        "at": event.at,
+        "actor": event.actor,
+        "command_id": event.command_id,
+        "data": event.data,
+    }
+    return hashlib.sha256(prev_hash + dumps(body).encode()).hexdigest()
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """The EVENT object of PROTOCOL.md (in `result` and the JSONL export)."""
+    return {
+        "type": event.type,
+        "seq": event.seq,
+        "stream": event.stream,
+        "version": event.version,
+        "at": event.at,
+        "actor": event.actor,
+        "command_id": event.command_id,
+        "data": event.data,
+        "hash": event.hash,
+    }
+
+
+def row_to_event(row: Sequence[Any]) -> Event:
+    seq, stream, version, type_, at, actor, command_id, data, hash_ = row[:9]
+    return Event(seq, stream, version, type_, at, actor, command_id, json.loads(data), hash_)
+
+
+# -- requests and outcomes --------------------------------------------------------------------
+
+
+@attrs.frozen
+class Request:
+    """One command to append: who sent it, what it is, and when it arrived."""
+
+    principal: Principal
+    command: Command
+    at: str
+
+
+@attrs.frozen
+class Ack:
+    seq: int
+    version: int
+    events: tuple[str, ...]
+    duplicate: bool = False
+
+
+Outcome = Ack | Rejected
+
+
+@attrs.frozen
+class Filter:
+    """Which events to read; every field optional and ANDed (the `query` filter keys)."""
+
+    stream: str | None = None
+    order_id: str | None = None
+    types: tuple[str, ...] | None = None
+    actor: str | None = None
+    after: int = 0
+    until: int | None = None
+    from_time: str | None = None  # stored form, inclusive (see time_bound)
+    to_time: str | None = None  # stored form, exclusive
+    stream_prefix: str | None = None  # "order:" or "sku:"
+    owner: str | None = None  # only events of this customer's orders
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The numbered SQL files, in order: (number, file name, SQL)."""
+    found = []
+    for entry in importlib.resources.files("orderlog.migrations").iterdir():
+        match = re.match(r"^(\d+)_.*\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    numbers = [n for n, _, _ in found]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise RuntimeError(f"migrations are not numbered 1..N without gaps: {numbers}")
+    return found
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _applied(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return row[0] or 0
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> list[str]:
+    """Apply the migrations this database lacks, each exactly once; return their names."""
+    known = migrations()
+    tables = _tables(conn)
+    if "schema_migrations" not in tables:
+        if tables:
+            raise StoreError(f"{path}: a SQLite database, but not an orderlog (it has other tables)")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        conn.execute("COMMIT")
+    current = _applied(conn)
+    if current > len(known):
+        raise StoreError(
+            f"{path}: written by a newer orderlog (schema {current}, this one knows {len(known)}); upgrade orderlog"
+        )
+    done = []
+    for number, name, sql in known[current:]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _applied(conn) >= number:  # another process got there first
+                conn.execute("ROLLBACK")
+                continue
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            if number == 1:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('log_id', ?)", (secrets.token_hex(16),))
+                conn.execute("INSERT INTO meta (key, value) VALUES ('projection_seq', '0')")
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (number, name, format_time(datetime.now(timezone.utc))),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        done.append(name)
+    return done
+
+
+def _split_sql(sql: str) -> list[str]:
+    """Split a migration into statements (sqlite3.complete_statement knows about triggers)."""
+    statements, current = [], ""
+    for line in sql.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(l.strip().startswith("--") or not l.strip() for l in current.splitlines()):
+        raise RuntimeError(f"incomplete SQL statement at the end of a migration: {current[:80]!r}")
+    return statements
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+def _is_sqlite_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        header = f.read(16)
+    return header == b"SQLite format 3\x00" or header == b""
+
+
+class Store:
+    """One connection to an orderlog database: a writer, or a read-only reader."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str, readonly: bool):
+        self.conn = conn
+        self.path = path
+        self.readonly = readonly
+        self.log_id = self._meta("log_id")
+
+    # opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        synchronous: str = "FULL",
+        migrate_schema: bool = True,
+    ) -> "Store":
+        """Open (and with `create`, create) an orderlog database.
+
+        Raises StoreError with a one-line reason when the file is missing, not SQLite, not
+        an orderlog, or of a newer schema. Writers apply missing migrations on open.
+        """
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise StoreError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}")
+        exists = os.path.exists(path)
+        if not exists and (readonly or not create):
+            raise StoreError(f"{path}: no such database file (create one with `orderlog migrate --db {path}`)")
+        if exists:
+            if os.path.isdir(path):
+                raise StoreError(f"{path}: is a directory, not a database file")
+            try:
+                if not _is_sqlite_file(path):
+                    raise StoreError(f"{path}: not a SQLite database")
+            except PermissionError:
+                raise StoreError(f"{path}: permission denied") from None
+        elif create:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise StoreError(f"{path}: the folder {parent} does not exist")
+        try:
+            if readonly:
+                uri = "file:" + _quote_path(os.path.abspath(path)) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if not readonly:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"{path}: cannot switch to WAL mode (got {mode})")
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            tables = _tables(conn)
+            if readonly or not migrate_schema:
+                if "schema_migrations" not in tables or "events" not in tables or "meta" not in tables:
+                    raise StoreError(f"{path}: a SQLite database, but not an orderlog")
+                current, known = _applied(conn), len(migrations())
+                if current > known:
+                    raise StoreError(
+                        f"{path}: written by a newer orderlog (schema {current}, this one knows {known}); upgrade orderlog"
+                    )
+            else:
+                migrate(conn, path)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: {_sqlite_reason(exc)}") from None
+        store = cls(conn, path, readonly)
+        if not readonly:
+            store.catch_up_projections()
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database file (at shutdown)."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    # reading ----------------------------------------------------------------------------
+
+    def head(self) -> int:
+        """The seq of the newest committed event (0 for an empty log)."""
+        row = self.conn.execute("SELECT max(seq) FROM events").fetchone()
+        return row[0] or 0
+
+    def projection_seq(self) -> int:
+        return int(self._meta("projection_seq") or 0)
+
+    def get_order(self, order_id: str) -> Order | None:
+        row = self.conn.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+        return _row_to_order(row) if row else None
+
+    def get_stock(self, sku: str) -> Stock | None:
+        row = self.conn.execute(f"SELECT {STOCK_COLUMNS} FROM stock WHERE sku = ?", (sku,)).fetchone()
+        return _row_to_stock(row) if row else None
+
+    def read_events(self, filt: Filter = Filter(), limit: int | None = 1000) -> list[Event]:
+        """Events matching `filt` with seq > filt.after, in seq order, at most `limit`."""
+        sql, params = _filter_sql(filt)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [row_to_event(r) for r in self.conn.execute(sql, params)]
+
+    def iter_events(self, filt: Filter = Filter(), page: int = 5000) -> Iterator[Event]:
+        """All matching events, read in pages so that no read holds a snapshot for long."""
+        after = filt.after
+        while True:
+            batch = self.read_events(attrs.evolve(filt, after=after), limit=page)
+            yield from batch
+            if len(batch) < page:
+                return
+            after = batch[-1].seq
+
+    def count_events(self) -> int:
+        return self.head()
+
+    # writing ----------------------------------------------------------------------------
+
+    def execute_batch(self, requests: Sequence[Request]) -> list[Outcome]:
+        """Decide and append a batch of commands in ONE transaction (group commit).
+
+        Each command is decided in order against the state including the effects of the
+        earlier commands of the batch; a rejected one changes nothing and does not disturb
+        its neighbours. Returns one Ack or Rejected per request. Raises Unavailable when the
+        transaction cannot be committed; then nothing of the batch was written.
+        """
+        if not requests:
+            return []
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise Unavailable(_sqlite_reason(exc)) from None
+        try:
+            outcomes, rows = self._decide_batch(requests)
+            self._write_batch(rows)
+            self.conn.execute("COMMIT")
+            return outcomes
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise Unavailable(_sqlite_reason(exc)) from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _decide_batch(self, requests: Sequence[Request]) -> tuple[list[Outcome], "_BatchRows"]:
+        conn = self.conn
+        row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev_hash = (row[0], bytes.fromhex(row[1])) if row else (0, ZERO_HASH)
+        orders, stock = self._load_state(requests)
+        state = State(orders, stock)
+        seen: dict[tuple[str, str], Ack] = {}
+        rows = _BatchRows()
+        outcomes: list[Outcome] = []
+        for request in requests:
+            key = (request.principal.user, request.command.command_id)
+            earlier = seen.get(key) or self._stored_ack(key)
+            if earlier is not None:
+                outcomes.append(attrs.evolve(earlier, duplicate=True))
+                continue
+            try:
+                new_events = decide(request.command, request.principal, state)
+            except Rejected as rejection:
+                outcomes.append(rejection)
+                continue
+            events: list[Event] = []
+            touched_orders: dict[str, Order] = {}
+            touched_stock: dict[str, Stock] = {}
+            for new in new_events:
+                seq += 1
+                kind, _, key_ = new.stream.partition(":")
+                if kind == "order":
+                    current = touched_orders.get(key_) or orders.get(key_)
+                    version = (current.version if current else 0) + 1
+                else:
+                    current = touched_stock.get(key_) or stock.get(key_)
+                    version = (current.version if current else 0) + 1
+                event = Event(seq, new.stream, version, new.type, request.at, request.principal.user,
+                              request.command.command_id, new.data)
+                event = attrs.evolve(event, hash=event_hash(prev_hash, event))
+                prev_hash = bytes.fromhex(event.hash)
+                if kind == "order":
+                    touched_orders[key_] = evolve_order(current, event)  # type: ignore[arg-type]
+                else:
+                    touched_stock[key_] = evolve_stock(current, event)  # type: ignore[arg-type]
+                events.append(event)
+            orders.update(touched_orders)
+            stock.update(touched_stock)
+            target = stream_of(request.command)
+            target_kind, _, target_key = target.partition(":")
+            target_version = (orders if target_kind == "order" else stock)[target_key].version
+            ack = Ack(seq, target_version, tuple(e.type for e in events))
+            seen[key] = ack
+            outcomes.append(ack)
+            for event in events:
+                order_id = order_of_event(event.stream, event.data)
+                owner = orders[order_id].customer if order_id in orders else None
+                rows.events.append((event.seq, event.stream, event.version, event.type, event.at, event.actor,
+                                    event.command_id, dumps(event.data), event.hash, order_id, owner))
+            rows.commands.append((key[0], key[1], ack.seq, ack.version, dumps(list(ack.events))))
+            rows.orders.update(touched_orders)
+            rows.stock.update(touched_stock)
+            rows.last_seq = seq
+        return outcomes, rows
+
+    def _stored_ack(self, key: tuple[str, str]) -> Ack | None:
+        row = self.conn.execute(
+            "SELECT seq, version, events FROM commands WHERE actor = ? AND command_id = ?", key
+        ).fetchone()
+        return Ack(row[0], row[1], tuple(json.loads(row[2]))) if row else None
+
+    def _load_state(self, requests: Sequence[Request]) -> tuple[dict[str, Order], dict[str, Stock]]:
+        """Load the orders and stock levels the batch's commands may touch."""
+        order_ids: set[str] = set()
+        skus: set[str] = set()
+        for request in requests:
+            command = request.command
+            if isinstance(command.order_id, str):
+                order_ids.add(command.order_id)
+            data = command.data if isinstance(command.data, Mapping) else {}
+            if isinstance(data.get("sku"), str):
+                skus.add(data["sku"])
+            items = data.get("items")
+            if isinstance(items, list):
+                skus.update(i["sku"] for i in items if isinstance(i, Mapping) and isinstance(i.get("sku"), str))
+        orders = {o.order_id: o for o in self._load_many(ORDER_COLUMNS, "orders", "order_id", order_ids, _row_to_order)}
+        for order in orders.values():
+            skus.update(sku for sku, _ in order.items)
+        stock = {s.sku: s for s in self._load_many(STOCK_COLUMNS, "stock", "sku", skus, _row_to_stock)}
+        return orders, stock
+
+    def _load_many(self, columns: str, table: str, key: str, keys: set[str], convert: Callable) -> list:
+        found = []
+        ordered = sorted(keys)
+        for i in range(0, len(ordered), SQL_IN_CHUNK):
+            chunk = ordered[i : i + SQL_IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.extend(convert(r) for r in self.conn.execute(
+                f"SELECT {columns} FROM {table} WHERE {key} IN ({marks})", chunk))
+        return found
+
+    def _write_batch(self, rows: "_BatchRows") -> None:
+        conn = self.conn
+        if not rows.events:
+            return
+        conn.executemany(f"INSERT INTO events ({EVENT_COLUMNS}, order_id, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                         rows.events)
+        conn.executemany("INSERT INTO commands (actor, command_id, seq, version, events) VALUES (?,?,?,?,?)",
+                         rows.commands)
+        _write_projections(conn, rows.orders.values(), rows.stock.values())
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'projection_seq'", (str(rows.last_seq),))
+
+    # projections ------------------------------------------------------------------------
+
+    def catch_up_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Fold events after meta.projection_seq into the projections; return how many.
+
+        Normally there are none: appends update the projections in the same transaction.
+        """
+        done = self.projection_seq()
+        head = self.head()
+        if done >= head:
+            return 0
+        return self.rebuild(progress) if done == 0 else self._fold_tail(done)
+
+    def _fold_tail(self, done: int) -> int:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            events = list(self.iter_events(Filter(after=done)))
+            order_ids = {e.stream[6:] for e in events if e.stream.startswith("order:")}
+            skus = {e.stream[4:] for e in events if e.stream.startswith("sku:")}
+            state = State(
+                {o.order_id: o for o in self._load_many(ORDER_COLUMNS, "orders", "order_id", order_ids, _row_to_order)},
+                {s.sku: s for s in self._load_many(STOCK_COLUMNS, "stock", "sku", skus, _row_to_stock)},
+            )
+            state = fold(events, state)
+            _write_projections(self.conn, state.orders.values(), state.stock.values())
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'projection_seq'", (str(events[-1].seq),))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return len(events)
+
+    def fold_log(self, progress: Callable[[int, int], None] | None = None) -> tuple[State, int]:
+        """Fold the whole log into a fresh state (nothing written); returns (state, last seq)."""
+        head = self.head()
+        orders: dict[str, Order] = {}
+        stock: dict[str, Stock] = {}
+        last = 0
+        for event in self.iter_events():
+            if event.stream.startswith("order:"):
+                key = event.stream[6:]
+                orders[key] = evolve_order(orders.get(key), event)  # type: ignore[assignment]
+            else:
+                key = event.stream[4:]
+                stock[key] = evolve_stock(stock.get(key), event)
+            last = event.seq
+            if progress and last % 10_000 == 0:
+                progress(last, head)
+        if progress:
+            progress(last, head)
+        return State(orders, stock), last
+
+    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Recompute the projections from the log; return the number of events folded."""
+        state, last = self.fold_log(progress)
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Events appended by another writer since the fold would be missed: fold them too.
+            if self.head() != last:
+                tail = list(self.iter_events(Filter(after=last)))
+                state = fold(tail, state)
+                last = tail[-1].seq
+            self.conn.execute("DELETE FROM orders")
+            self.conn.execute("DELETE FROM stock")
+            _write_projections(self.conn, state.orders.values(), state.stock.values())
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'projection_seq'", (str(last),))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return last
+
+    def stored_projections(self) -> State:
+        """The projections as stored (for comparing with a rebuild)."""
+        orders = {o.order_id: o for o in map(_row_to_order, self.conn.execute(f"SELECT {ORDER_COLUMNS} FROM orders"))}
+        stock = {s.sku: s for s in map(_row_to_stock, self.conn.execute(f"SELECT {STOCK_COLUMNS} FROM stock"))}
+        return State(orders, stock)
+
+
+@attrs.define
+class _BatchRows:
+    events: list[tuple] = attrs.Factory(list)
+    commands: list[tuple] = attrs.Factory(list)
+    orders: dict[str, Order] = attrs.Factory(dict)
+    stock: dict[str, Stock] = attrs.Factory(dict)
+    last_seq: int = 0
+
+
+ORDER_COLUMNS = "order_id, customer, status, items, ship_to, note, version, created_at, updated_at, last_seq"
+STOCK_COLUMNS = "sku, name, available, reserved, version, last_seq"
+
+
+def _row_to_order(row: Sequence[Any]) -> Order:
+    order_id, customer, status, items, ship_to, note, version, created_at, updated_at, last_seq = row
+    return Order(order_id, customer, status, tuple((s, q) for s, q in json.loads(items)), ship_to, note,
+                 version, created_at, updated_at, last_seq)
+
+
+def _row_to_stock(row: Sequence[Any]) -> Stock:
+    return Stock(*row)
+
+
+def _write_projections(conn: sqlite3.Connection, orders: Iterable[Order], stock: Iterable[Stock]) -> None:
+    conn.executemany(
+        f"INSERT OR REPLACE INTO orders ({ORDER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        [(o.order_id, o.customer, o.status, dumps([list(i) for i in o.items]), o.ship_to, o.note, o.version,
+          o.created_at, o.updated_at, o.last_seq) for o in orders],
+    )
+    conn.executemany(
+        f"INSERT OR REPLACE INTO stock ({STOCK_COLUMNS}) VALUES (?,?,?,?,?,?)",
+        [(s.sku, s.name, s.available, s.reserved, s.version, s.last_seq) for s in stock],
+    )
+
+
+def _filter_sql(filt: Filter) -> tuple[str, list[Any]]:
+    where = ["seq > ?"]
+    params: list[Any] = [filt.after]
+    if filt.stream is not None:
+        where.append("stream = ?")
+        params.append(filt.stream)
+    if filt.order_id is not None:
+        where.append("order_id = ?")
+        params.append(filt.order_id)
+    if filt.types is not None:
+        where.append(f"type IN ({','.join('?' * len(filt.types))})")
+        params.extend(filt.types)
+    if filt.actor is not None:
+        where.append("actor = ?")
+        params.append(filt.actor)
+    if filt.until is not None:
+        where.append("seq <= ?")
+        params.append(filt.until)
+    if filt.from_time is not None:
+        where.append("at >= ?")
+        params.append(filt.from_time)
+    if filt.to_time is not None:
+        where.append("at < ?")
+        params.append(filt.to_time)
+    if filt.stream_prefix is not None:
+        where.append("substr(stream, 1, ?) = ?")
+        params.extend([len(filt.stream_prefix), filt.stream_prefix])
+    if filt.owner is not None:
+        where.append("owner = ?")
+        params.append(filt.owner)
+    return f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq", params
+
+
+def _quote_path(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path)
+
+
+def _sqlite_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "file is not a database" in text:
+        return "not a SQLite database"
+    if "readonly" in text or "read-only" in text:
+        return "the database file is read-only"
+    if "full" in text:
+        return "the disk is full"
+    if "locked" in text or "busy" in text:
+        return "the database is locked by another writer"
+    if "unable to open" in text:
+        return "cannot open the database file"
+    return text
