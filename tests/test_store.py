@@ -1,0 +1,570 @@
+"""The SQLite event log: properties of group commit, projections, idempotency and the hash chain,
+plus examples of acks, expected_version, append-only triggers, migrations and foreign files.
+
+Every test uses a real SQLite file in a fresh temporary folder (no mocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+from typing import Any, Iterator
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orderlog import domain
+from orderlog.domain import Command, Event, Principal, Rejected, State
+from orderlog.store import Ack, Request, Store, StoreError, event_hash, migrations
+
+from strategies import (
+    AUDITOR,
+    STAFF,
+    batch_splits,
+    batched_sequences,
+    commands,
+    request_sequences,
+)
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+C1 = Principal("c-1", "customer")
+C2 = Principal("c-2", "customer")
+AT = "2026-11-25T17:03:00.123Z"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fresh_store() -> Iterator[Store]:
+    """A new store in its own temporary folder (hypothesis examples can't share tmp_path)."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store.open(os.path.join(folder, "orders.db"), create=True, synchronous="OFF")
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def open_store(tmp_path, name: str = "orders.db") -> Store:
+    return Store.open(str(tmp_path / name), create=True)
+
+
+def req(principal: Principal, name: str, command_id: str, order_id: str | None = None,
+        data: dict[str, Any] | None = None, expected_version: int | None = None, at: str = AT) -> Request:
+    return Request(principal, Command(name, command_id, order_id, expected_version, data or {}), at)
+
+
+def add_stock(sku: str, quantity: int, command_id: str | None = None, **extra: Any) -> Request:
+    return req(STAFF, "add_stock", command_id or f"add-{sku}-{quantity}", data={"sku": sku, "quantity": quantity, **extra})
+
+
+def place(principal: Principal, order_id: str, items: list[tuple[str, int]], command_id: str | None = None,
+          **extra: Any) -> Request:
+    data = {"items": [{"sku": s, "quantity": q} for s, q in items], **extra}
+    return req(principal, "place_order", command_id or f"place-{order_id}", order_id, data)
+
+
+def one(store: Store, request: Request) -> Ack | Rejected:
+    [outcome] = store.execute_batch([request])
+    return outcome
+
+
+def outcome_key(outcome: Ack | Rejected) -> tuple:
+    """A comparable form of an outcome (Rejected is an exception, without equality)."""
+    if isinstance(outcome, Ack):
+        return ("ack", outcome.seq, outcome.version, outcome.events, outcome.duplicate)
+    return ("rejected", outcome.code, outcome.message, outcome.details)
+
+
+def all_events(store: Store) -> list[Event]:
+    return store.read_events(limit=None)
+
+
+def dump(store: Store) -> list[str]:
+    """Every table's schema and rows, as SQL text."""
+    return list(store.conn.iterdump())
+
+
+def log_tables(store: Store) -> dict[str, list[tuple]]:
+    """The log, the idempotency record and the projections (not the random log_id)."""
+    conn = store.conn
+    return {
+        "events": conn.execute("SELECT * FROM events ORDER BY seq").fetchall(),
+        "commands": conn.execute("SELECT * FROM commands ORDER BY actor, command_id").fetchall(),
+        "orders": conn.execute("SELECT * FROM orders ORDER BY order_id").fetchall(),
+        "stock": conn.execute("SELECT * FROM stock ORDER BY sku").fetchall(),
+        "projection_seq": conn.execute("SELECT value FROM meta WHERE key = 'projection_seq'").fetchall(),
+    }
+
+
+def file_bytes(store: Store) -> tuple[bytes, bytes]:
+    """The raw bytes of the database file and its WAL."""
+    def read(path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+    return read(store.path), read(store.path + "-wal")
+
+
+def canonical_hash(prev: bytes, event: Event) -> str:
+    """PROTOCOL.md section 5, computed here independently of the store's event_hash."""
+    body = {"seq": event.seq, "stream": event.stream, "version": event.version, "type": event.type,
+            "at": event.at, "actor": event.actor, "command_id": event.command_id, "data": event.data}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return hashlib.sha256(prev + text).hexdigest()
+
+
+def target_stream(command: Command) -> str:
+    if command.name == "add_stock":
+        return f"sku:{command.data['sku']}"
+    return f"order:{command.order_id}"
+
+
+class Model:
+    """A reference log built from domain.decide/evolve alone: what the store must do."""
+
+    def __init__(self) -> None:
+        self.state = State()
+        self.events: list[Event] = []
+        self.versions: dict[str, int] = {}
+        self.acks: dict[tuple[str, str], Ack] = {}
+        self.prev = bytes(32)
+
+    def execute(self, request: Request) -> Ack | Rejected:
+        key = (request.principal.user, request.command.command_id)
+        if key in self.acks:
+            return attrs.evolve(self.acks[key], duplicate=True)
+        try:
+            new_events = domain.decide(request.command, request.principal, self.state)
+        except Rejected as rejection:
+            return rejection
+        for new in new_events:
+            self.versions[new.stream] = self.versions.get(new.stream, 0) + 1
+            event = Event(len(self.events) + 1, new.stream, self.versions[new.stream], new.type, request.at,
+                          request.principal.user, request.command.command_id, new.data)
+            event = attrs.evolve(event, hash=canonical_hash(self.prev, event))
+            self.prev = bytes.fromhex(event.hash)
+            self.state = domain.evolve(self.state, event)
+            self.events.append(event)
+        ack = Ack(len(self.events), self.versions[target_stream(request.command)],
+                  tuple(n.type for n in new_events))
+        self.acks[key] = ack
+        return ack
+
+
+def check_log_invariants(store: Store) -> None:
+    """Projections == rebuild == fold, seq and versions without gaps, and an intact hash chain."""
+    events = all_events(store)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert store.head() == len(events)
+    assert store.projection_seq() == len(events)
+    versions: dict[str, list[int]] = {}
+    for e in events:
+        versions.setdefault(e.stream, []).append(e.version)
+    for stream, seen in versions.items():
+        assert seen == list(range(1, len(seen) + 1)), stream
+    prev = bytes(32)
+    for e in events:
+        assert e.hash == event_hash(prev, e) == canonical_hash(prev, e), e.seq
+        prev = bytes.fromhex(e.hash)
+    stored = store.stored_projections()
+    rebuilt, last = store.fold_log()
+    assert last == len(events)
+    assert stored == rebuilt == domain.fold(events)
+    # Each projection's version/last_seq is its stream's newest event.
+    for order_id, order in stored.orders.items():
+        assert order.version == len(versions[f"order:{order_id}"])
+    for sku, stock in stored.stock.items():
+        assert stock.version == len(versions[f"sku:{sku}"])
+        assert stock.available >= 0 and stock.reserved >= 0
+    # The derived columns used by the per-order and per-customer feeds.
+    for seq, order_id, owner in store.conn.execute("SELECT seq, order_id, owner FROM events ORDER BY seq"):
+        event = events[seq - 1]
+        assert order_id == domain.order_of_event(event.stream, event.data)
+        assert owner == (stored.orders[order_id].customer if order_id else None)
+
+
+# -- properties -------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(batched_sequences())
+def test_projections_equal_rebuild_and_log_is_gapless_and_chained(batches):
+    """For random traffic in random batches the projections equal a rebuild and the fold of the log, seqs and versions have no gaps and the hash chain recomputes."""
+    with fresh_store() as store:
+        for batch in batches:
+            outcomes = store.execute_batch(batch)
+            assert len(outcomes) == len(batch)
+        check_log_invariants(store)
+        before = store.stored_projections()
+        store.rebuild()
+        assert store.stored_projections() == before
+
+
+@PROPERTY
+@given(batched_sequences())
+def test_store_matches_reference_model_of_decide_and_evolve(batches):
+    """The store's outcomes and events are exactly those of domain.decide/evolve plus seq, version, at, actor and hash bookkeeping."""
+    model = Model()
+    with fresh_store() as store:
+        for batch in batches:
+            got = [outcome_key(o) for o in store.execute_batch(batch)]
+            want = [outcome_key(model.execute(r)) for r in batch]
+            assert got == want
+        assert all_events(store) == model.events
+        assert store.stored_projections() == model.state
+
+
+@PROPERTY
+@given(request_sequences())
+def test_rejected_command_changes_nothing(sequence):
+    """Any rejected command, executed alone, leaves every table and the database files byte-for-byte unchanged."""
+    rejected = 0
+    with fresh_store() as store:
+        for request in sequence:
+            before_dump, before_bytes = dump(store), file_bytes(store)
+            outcome = one(store, request)
+            if isinstance(outcome, Rejected):
+                rejected += 1
+                assert dump(store) == before_dump, outcome
+                assert file_bytes(store) == before_bytes, outcome
+        check_log_invariants(store)
+
+
+@PROPERTY
+@given(request_sequences())
+def test_one_batch_equals_one_by_one(sequence):
+    """A batch mixing good and bad commands gives the same outcomes, log, idempotency record and projections as the same commands one per execute_batch call."""
+    with fresh_store() as batched, fresh_store() as single:
+        together = [outcome_key(o) for o in batched.execute_batch(sequence)]
+        alone = [outcome_key(one(single, r)) for r in sequence]
+        assert together == alone
+        assert log_tables(batched) == log_tables(single)
+        assert all_events(batched) == all_events(single)
+
+
+@PROPERTY
+@given(st.data(), request_sequences())
+def test_repeated_command_ids_return_the_original_ack(data, sequence):
+    """Repeating an accepted command id of a user, with any content, returns the original ack marked duplicate and appends nothing, also after a reopen."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "orders.db")
+        store = Store.open(path, create=True, synchronous="OFF")
+        first: dict[tuple[str, str], Ack] = {}
+        try:
+            for batch in data.draw(batch_splits(sequence)):
+                for request, outcome in zip(batch, store.execute_batch(batch)):
+                    key = (request.principal.user, request.command.command_id)
+                    if isinstance(outcome, Ack):
+                        if key in first:
+                            assert outcome == attrs.evolve(first[key], duplicate=True)
+                        else:
+                            assert not outcome.duplicate
+                            first[key] = outcome
+                    else:
+                        assert key not in first  # a used id never gets a rejection
+            for reopen in (False, True):
+                if reopen:
+                    store.close()
+                    store = Store.open(path, synchronous="OFF")
+                before = log_tables(store)
+                replays = []
+                for (user, command_id), ack in first.items():
+                    principal = next(r.principal for r in sequence if r.principal.user == user)
+                    command = data.draw(st.sampled_from([
+                        next(r.command for r in sequence
+                             if (r.principal.user, r.command.command_id) == (user, command_id)),
+                        attrs.evolve(data.draw(commands), command_id=command_id),
+                    ]))
+                    replays.append((Request(principal, command, "2027-12-31T23:59:59.999Z"), ack))
+                if replays:
+                    outcomes = store.execute_batch([r for r, _ in replays])
+                    assert outcomes == [attrs.evolve(ack, duplicate=True) for _, ack in replays]
+                assert log_tables(store) == before
+            check_log_invariants(store)
+        finally:
+            store.close()
+
+
+# -- acks and idempotency examples -------------------------------------------------------------
+
+
+def test_ack_versions_and_seqs_name_the_target_stream_and_last_event(tmp_path):
+    """An ack's version is the target stream's version (sku stream for add_stock) and its seq the command's last event."""
+    store = open_store(tmp_path)
+    assert one(store, add_stock("sku-a", 10, name="Kibble")) == Ack(1, 1, ("stock-added",))
+    assert one(store, add_stock("sku-a", 5)) == Ack(2, 2, ("stock-added",))
+    assert one(store, add_stock("sku-b", 5)) == Ack(3, 1, ("stock-added",))
+    assert one(store, place(C1, "o-1", [("sku-a", 2), ("sku-b", 1)])) == Ack(
+        6, 1, ("order-created", "stock-reserved", "stock-reserved"))
+    assert one(store, req(C1, "update_order", "u-1", "o-1", {"note": "ring twice"})) == Ack(7, 2, ("order-updated",))
+    assert one(store, req(STAFF, "approve_order", "a-1", "o-1")) == Ack(8, 3, ("order-approved",))
+    assert one(store, req(STAFF, "ship_order", "s-1", "o-1", {"carrier": "DHL"})) == Ack(
+        11, 4, ("order-shipped", "stock-shipped", "stock-shipped"))
+    assert one(store, req(STAFF, "deliver_order", "d-1", "o-1")) == Ack(12, 5, ("order-delivered",))
+    assert one(store, place(C2, "o-2", [("sku-a", 1)])) == Ack(14, 1, ("order-created", "stock-reserved"))
+    assert one(store, req(C2, "cancel_order", "x-1", "o-2", {"reason": "changed my mind"})) == Ack(
+        16, 2, ("order-cancelled", "stock-released"))
+    assert store.get_stock("sku-a").to_json() == {
+        "sku": "sku-a", "name": "Kibble", "available": 13, "reserved": 0, "version": 6, "last_seq": 16}
+    assert store.get_stock("sku-b").to_json() == {
+        "sku": "sku-b", "name": None, "available": 4, "reserved": 0, "version": 3, "last_seq": 11}
+    order = store.get_order("o-1").to_json()
+    assert order["status"] == "delivered" and order["version"] == 5 and order["last_seq"] == 12
+    check_log_invariants(store)
+
+
+def test_stored_events_carry_at_actor_and_command_id_of_their_request(tmp_path):
+    """Each stored event has the request's `at`, the acting user and the command id, and the data decided."""
+    store = open_store(tmp_path)
+    one(store, add_stock("sku-a", 3, command_id="k-1"))
+    one(store, req(STAFF, "place_order", "k-2", "o-1", {"items": [{"sku": "sku-a", "quantity": 2}], "customer": "c-1"},
+                   at="2026-12-01T08:00:00.000Z"))
+    events = all_events(store)
+    assert [(e.seq, e.stream, e.version, e.type, e.at, e.actor, e.command_id, e.data) for e in events] == [
+        (1, "sku:sku-a", 1, "stock-added", AT, "s-1", "k-1", {"sku": "sku-a", "quantity": 3}),
+        (2, "order:o-1", 1, "order-created", "2026-12-01T08:00:00.000Z", "s-1", "k-2",
+         {"customer": "c-1", "items": [{"sku": "sku-a", "quantity": 2}]}),
+        (3, "sku:sku-a", 2, "stock-reserved", "2026-12-01T08:00:00.000Z", "s-1", "k-2",
+         {"sku": "sku-a", "quantity": 2, "order_id": "o-1"}),
+    ]
+    assert store.get_order("o-1").customer == "c-1"
+
+
+def test_duplicate_command_returns_original_ack_across_reopen(tmp_path):
+    """A repeated (user, command id) returns the original ack with duplicate=True and appends nothing, even after a close and reopen."""
+    path = str(tmp_path / "orders.db")
+    store = Store.open(path, create=True)
+    one(store, add_stock("sku-a", 5))
+    first = one(store, place(C1, "o-1", [("sku-a", 2)], command_id="same"))
+    assert first == Ack(3, 1, ("order-created", "stock-reserved"), duplicate=False)
+    again = one(store, place(C1, "o-9", [("sku-a", 1)], command_id="same"))
+    assert again == attrs.evolve(first, duplicate=True)
+    assert store.head() == 3
+    store.close()
+    store = Store.open(path)
+    before = dump(store)
+    assert one(store, req(C1, "cancel_order", "same", "o-1")) == attrs.evolve(first, duplicate=True)
+    assert dump(store) == before
+    assert store.get_order("o-9") is None
+    assert store.get_order("o-1").status == "placed"
+    store.close()
+
+
+def test_duplicate_inside_one_batch_returns_the_first_ack(tmp_path):
+    """The same (user, command id) twice in one batch is applied once; the second outcome is the first ack marked duplicate."""
+    store = open_store(tmp_path)
+    outcomes = store.execute_batch([add_stock("sku-a", 5, command_id="k"), add_stock("sku-a", 7, command_id="k")])
+    assert outcomes == [Ack(1, 1, ("stock-added",)), Ack(1, 1, ("stock-added",), duplicate=True)]
+    assert store.get_stock("sku-a").available == 5
+
+
+def test_command_ids_are_per_user(tmp_path):
+    """Two users may use the same command id; each command is applied."""
+    store = open_store(tmp_path)
+    one(store, add_stock("sku-a", 5))
+    assert one(store, place(C1, "o-1", [("sku-a", 1)], command_id="k")).duplicate is False
+    assert one(store, place(C2, "o-2", [("sku-a", 1)], command_id="k")) == Ack(
+        5, 1, ("order-created", "stock-reserved"))
+    assert store.get_order("o-2").customer == "c-2"
+
+
+def test_rejected_command_id_is_not_remembered(tmp_path):
+    """A rejected command's id is not remembered: a later valid command with that id is applied."""
+    store = open_store(tmp_path)
+    one(store, add_stock("sku-a", 1))
+    refused = one(store, place(C1, "o-1", [("sku-a", 2)], command_id="k"))
+    assert isinstance(refused, Rejected) and refused.code == "insufficient_stock"
+    assert refused.details == {"sku": "sku-a", "available": 1}
+    assert store.conn.execute("SELECT count(*) FROM commands WHERE command_id = 'k'").fetchone() == (0,)
+    applied = one(store, place(C1, "o-1", [("sku-a", 1)], command_id="k"))
+    assert applied == Ack(3, 1, ("order-created", "stock-reserved"), duplicate=False)
+    # and within one batch too
+    outcomes = store.execute_batch([
+        req(C1, "update_order", "k2", "o-1", {}),
+        req(C1, "update_order", "k2", "o-1", {"note": "hi"}),
+    ])
+    assert isinstance(outcomes[0], Rejected) and outcomes[0].code == "bad_request"
+    assert outcomes[1] == Ack(4, 2, ("order-updated",))
+
+
+def test_batch_commands_see_earlier_commands_of_the_same_batch(tmp_path):
+    """Commands in one batch are decided in order, each against the effects of the ones before it."""
+    store = open_store(tmp_path)
+    outcomes = store.execute_batch([
+        add_stock("sku-a", 3),
+        place(C1, "o-1", [("sku-a", 2)]),
+        place(C2, "o-2", [("sku-a", 2)]),
+        req(STAFF, "cancel_order", "c", "o-1"),
+        place(C2, "o-2", [("sku-a", 2)], command_id="retry"),
+        place(C1, "o-2", [("sku-a", 1)], command_id="steal"),
+    ])
+    keys = [outcome_key(o) for o in outcomes]
+    assert keys[0] == ("ack", 1, 1, ("stock-added",), False)
+    assert keys[1] == ("ack", 3, 1, ("order-created", "stock-reserved"), False)
+    assert keys[2][:2] == ("rejected", "insufficient_stock") and keys[2][3] == {"sku": "sku-a", "available": 1}
+    assert keys[3] == ("ack", 5, 2, ("order-cancelled", "stock-released"), False)
+    assert keys[4] == ("ack", 7, 1, ("order-created", "stock-reserved"), False)
+    assert keys[5][:2] == ("rejected", "conflict")
+    check_log_invariants(store)
+
+
+# -- expected_version ------------------------------------------------------------------------
+
+
+def test_expected_version_on_a_new_stream_is_zero(tmp_path):
+    """A new stream has version 0: expected_version 0 succeeds, anything else is a conflict naming 0."""
+    store = open_store(tmp_path)
+    refused = one(store, req(STAFF, "add_stock", "k1", data={"sku": "sku-a", "quantity": 2}, expected_version=1))
+    assert (refused.code, refused.details) == ("conflict", {"current_version": 0})
+    assert one(store, req(STAFF, "add_stock", "k2", data={"sku": "sku-a", "quantity": 2}, expected_version=0)) == Ack(
+        1, 1, ("stock-added",))
+    refused = one(store, req(C1, "place_order", "k3", "o-1", {"items": [{"sku": "sku-a", "quantity": 1}]},
+                             expected_version=2))
+    assert (refused.code, refused.details) == ("conflict", {"current_version": 0})
+    assert one(store, req(C1, "place_order", "k4", "o-1", {"items": [{"sku": "sku-a", "quantity": 1}]},
+                          expected_version=0)) == Ack(3, 1, ("order-created", "stock-reserved"))
+
+
+def test_expected_version_mismatch_is_conflict_with_current_version(tmp_path):
+    """A mismatched expected_version is `conflict` with details {"current_version": N} and writes nothing; a match succeeds."""
+    store = open_store(tmp_path)
+    one(store, add_stock("sku-a", 5))
+    one(store, place(C1, "o-1", [("sku-a", 1)]))
+    one(store, req(C1, "update_order", "u1", "o-1", {"ship_to": "Elm St 1"}))
+    before = dump(store)
+    for stale in (0, 1, 3, 99):
+        refused = one(store, req(STAFF, "approve_order", f"a{stale}", "o-1", expected_version=stale))
+        assert isinstance(refused, Rejected)
+        assert (refused.code, refused.details) == ("conflict", {"current_version": 2})
+    refused = one(store, req(STAFF, "add_stock", "s9", data={"sku": "sku-a", "quantity": 1}, expected_version=1))
+    assert (refused.code, refused.details) == ("conflict", {"current_version": 2})
+    assert dump(store) == before
+    assert one(store, req(STAFF, "approve_order", "a2", "o-1", expected_version=2)) == Ack(5, 3, ("order-approved",))
+    assert one(store, req(STAFF, "add_stock", "s2", data={"sku": "sku-a", "quantity": 1}, expected_version=2)) == Ack(
+        6, 3, ("stock-added",))
+
+
+# -- append-only, migrations, foreign files ----------------------------------------------------
+
+
+def test_events_cannot_be_updated_or_deleted(tmp_path):
+    """UPDATE and DELETE on the events table raise sqlite3 errors from the append-only triggers."""
+    store = open_store(tmp_path)
+    one(store, add_stock("sku-a", 5))
+    one(store, add_stock("sku-b", 5))
+    before = dump(store)
+    for sql in ("UPDATE events SET data = '{}' WHERE seq = 1",
+                "UPDATE events SET hash = 'x'",
+                "DELETE FROM events WHERE seq = 2",
+                "DELETE FROM events"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            store.conn.execute(sql)
+    assert dump(store) == before
+    # A second, independent connection is refused too.
+    other = sqlite3.connect(store.path)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            other.execute("DELETE FROM events WHERE seq = 1")
+    finally:
+        other.close()
+    check_log_invariants(store)
+
+
+def test_migrations_are_applied_exactly_once(tmp_path):
+    """Creating a store applies each migration once (one schema_migrations row per file); reopening applies none again."""
+    path = str(tmp_path / "orders.db")
+    store = Store.open(path, create=True)
+    known = migrations()
+    assert len(known) >= 1
+    rows = store.conn.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version").fetchall()
+    assert [(v, n) for v, n, _ in rows] == [(n, name) for n, name, _ in known]
+    log_id = store.log_id
+    one(store, add_stock("sku-a", 5))
+    store.close()
+    for _ in range(2):
+        store = Store.open(path)
+        assert store.conn.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+                                  ).fetchall() == rows
+        assert store.log_id == log_id
+        assert store.head() == 1
+        store.close()
+    store = Store.open(path, readonly=True)
+    assert store.conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (len(known),)
+    store.close()
+
+
+def test_newer_schema_is_refused(tmp_path):
+    """Opening a database written by a newer schema raises StoreError, for writers and readers."""
+    path = str(tmp_path / "orders.db")
+    Store.open(path, create=True).close()
+    conn = sqlite3.connect(path)
+    newer = len(migrations()) + 1
+    conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (newer, f"{newer:04d}_future.sql", AT))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store.open(path)
+    with pytest.raises(StoreError, match="newer"):
+        Store.open(path, readonly=True)
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path):
+    """A SQLite database of another application raises StoreError and is left untouched."""
+    path = str(tmp_path / "other.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE pets (name TEXT)")
+    conn.execute("INSERT INTO pets VALUES ('Rex')")
+    conn.commit()
+    conn.close()
+    for kwargs in ({}, {"create": True}, {"readonly": True}):
+        with pytest.raises(StoreError):
+            Store.open(path, **kwargs)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("pets",)]
+    conn.close()
+
+
+def test_non_sqlite_and_missing_files_are_refused(tmp_path):
+    """A file that is not SQLite, a missing file without create, and a folder raise StoreError."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database, just text\n" * 10)
+    with pytest.raises(StoreError, match="not a SQLite"):
+        Store.open(str(junk), create=True)
+    assert junk.read_bytes() == b"this is not a database, just text\n" * 10
+    with pytest.raises(StoreError):
+        Store.open(str(tmp_path / "missing.db"))
+    assert not (tmp_path / "missing.db").exists()
+    with pytest.raises(StoreError):
+        Store.open(str(tmp_path))
+
+
+def test_rejections_from_the_store_carry_the_domain_codes(tmp_path):
+    """The store returns the domain's rejection for each bad command and keeps going with the rest of the batch."""
+    store = open_store(tmp_path)
+    outcomes = store.execute_batch([
+        req(AUDITOR, "add_stock", "k1", data={"sku": "sku-a", "quantity": 1}),
+        req(STAFF, "add_stock", "k2", data={"sku": "sku-a", "quantity": 0}),
+        req(C1, "approve_order", "k3", "o-1"),
+        req(C1, "cancel_order", "k4", "o-1"),
+        add_stock("sku-a", 1),
+        place(C1, "o-1", [("sku-a", 1)]),
+        req(C1, "ship_order", "k5", "o-1"),
+        req(STAFF, "ship_order", "k6", "o-1"),
+        req(C2, "cancel_order", "k7", "o-1"),
+        place(C2, "o-1", [("sku-a", 1)]),
+    ])
+    codes = [o.code if isinstance(o, Rejected) else "ack" for o in outcomes]
+    assert codes == ["forbidden", "bad_request", "forbidden", "not_found", "ack", "ack", "forbidden",
+                     "invalid_state", "not_found", "conflict"]
+    check_log_invariants(store)
