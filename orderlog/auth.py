@@ -1,0 +1,136 @@
+"""Tokens and permissions: `verify(token, keys, now) -> Claims`, `can_read(principal, ...)`.
+
+Pure: the clock comes in as `now` (seconds since the epoch). Tokens are verified with PyJWT
+against ONE configured algorithm; `alg: none` and every other algorithm are refused. Nothing
+here logs, and no error message repeats a token.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+import jwt
+
+from .domain import ROLES, Principal
+
+ALGORITHMS = ("HS256", "RS256", "ES256")
+MAX_TOKEN_BYTES = 16 * 1024  # longer tokens are refused unparsed
+MAX_SUB_LENGTH = 256
+
+# The exact close reasons of PROTOCOL.md section 1 (all with close code 4001).
+INVALID = "invalid token"
+EXPIRED = "token expired"
+TIMEOUT = "authentication timeout"
+REQUIRED = "authentication required"
+SUBJECT_CHANGED = "token subject changed"
+AUTH_CLOSE_CODE = 4001
+
+
+class AuthError(Exception):
+    """A token refused; `reason` is the exact close reason to send with 4001."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@attrs.frozen(repr=False)
+class Keys:
+    """How tokens are checked: one algorithm and its key (a secret or a public key)."""
+
+    algorithm: str
+    verify_key: Any
+    audience: str | None = None
+    issuer: str | None = None
+
+    def __repr__(self) -> str:  # never show a secret
+        return f"Keys(algorithm={self.algorithm!r}, audience={self.audience!r}, issuer={self.issuer!r})"
+
+
+@attrs.frozen
+class Claims:
+    principal: Principal
+    expires_at: float  # the token's exp, seconds since the epoch
+
+
+def verify(token: Any, keys: Keys, now: float) -> Claims:
+    """Check a token's signature, algorithm and claims at time `now`; raise AuthError."""
+    if not isinstance(token, str) or not token:
+        raise AuthError(INVALID, "no token string")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise AuthError(INVALID, "token too long")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise AuthError(INVALID, "malformed token") from None
+    if header.get("alg") != keys.algorithm:
+        raise AuthError(INVALID, f"algorithm {str(header.get('alg'))[:16]!r} not accepted")
+    try:
+        claims = jwt.decode(
+            token,
+            keys.verify_key,
+            algorithms=[keys.algorithm],
+            audience=keys.audience,
+            issuer=keys.issuer,
+            # exp and nbf are checked below against `now`, so this function stays pure.
+            options={"require": ["exp", "sub"], "verify_exp": False, "verify_nbf": False,
+                     "verify_aud": keys.audience is not None, "verify_iss": keys.issuer is not None},
+        )
+    except jwt.PyJWTError as exc:
+        raise AuthError(INVALID, type(exc).__name__) from None
+    exp = claims.get("exp")
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or not math.isfinite(exp):
+        raise AuthError(INVALID, "exp is not a number")
+    nbf = claims.get("nbf")
+    if nbf is not None:
+        if not isinstance(nbf, (int, float)) or isinstance(nbf, bool) or not math.isfinite(nbf):
+            raise AuthError(INVALID, "nbf is not a number")
+        if nbf > now:
+            raise AuthError(INVALID, "not valid yet (nbf)")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_LENGTH:
+        raise AuthError(INVALID, "sub must be a non-empty string")
+    role = claims.get("role", "customer")
+    if role not in ROLES:
+        raise AuthError(INVALID, "unknown role")
+    if exp <= now:
+        raise AuthError(EXPIRED)
+    return Claims(Principal(sub, role), float(exp))
+
+
+def rfc3339(seconds: float) -> str:
+    """A time as RFC 3339 UTC with a Z (milliseconds only when the time has them)."""
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond // 1000:03d}"
+    return text + "Z"
+
+
+def mint(sub: str, role: str, ttl: float, now: float, key: Any, algorithm: str = "HS256",
+         audience: str | None = None, issuer: str | None = None) -> str:
+    """A signed token for development and tests (`orderlog token`)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    claims: dict[str, Any] = {"sub": sub, "role": role, "iat": int(now), "exp": int(now + ttl)}
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+# -- permissions ------------------------------------------------------------------------------
+
+
+def can_query(principal: Principal) -> bool:
+    """`query` is for staff and auditors."""
+    return principal.role in ("staff", "auditor")
+
+
+def sees_all_orders(principal: Principal) -> bool:
+    return principal.role != "customer"

@@ -1,0 +1,264 @@
+"""The wire protocol, sans I/O: a text frame in -> a typed request or a ClientError; replies out.
+
+Every frame is one UTF-8 JSON object with a string `type` (PROTOCOL.md section 2). Parsing
+is strict: a missing, mistyped or unknown field is a `bad_request` naming the field, so a
+typo such as `sinse` is reported instead of silently meaning "live only". Nothing here
+touches a socket, a clock or the database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+import attrs
+
+from .domain import ID_RE, Command, Rejected
+from .store import Filter, time_bound
+
+MAX_QUERY_LIMIT = 1000
+DEFAULT_QUERY_LIMIT = 100
+REQUEST_ID_MAX = 64
+CHANNEL_RE = re.compile(r"^(orders|inventory|order:[A-Za-z0-9._-]{1,64})\Z")
+
+# Every client request type and the fields it may carry (besides `type` and `id`).
+REQUEST_FIELDS: dict[str, frozenset[str]] = {
+    "auth": frozenset({"token"}),
+    "subscribe": frozenset({"channel", "since", "log_id"}),
+    "unsubscribe": frozenset({"channel"}),
+    "command": frozenset({"name", "order_id", "expected_version", "data"}),
+    "get": frozenset({"order_id", "sku"}),
+    "query": frozenset({"filter", "limit"}),
+    "ping": frozenset(),
+}
+FILTER_KEYS = ("stream", "order_id", "types", "actor", "after", "until", "from_time", "to_time")
+
+
+class ClientError(Rejected):
+    """A request refused before it reached the domain; `request_id` is echoed if known."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None, details: Mapping | None = None):
+        super().__init__(code, message, details)
+        self.request_id = request_id
+
+
+@attrs.frozen
+class Auth:
+    id: str | None
+    token: Any  # validated by the auth layer: a missing or non-string token is `invalid token`
+
+
+@attrs.frozen
+class Subscribe:
+    id: str | None
+    channel: str
+    since: int | None
+    log_id: str | None
+
+
+@attrs.frozen
+class Unsubscribe:
+    id: str | None
+    channel: str
+
+
+@attrs.frozen
+class CommandRequest:
+    id: str
+    command: Command
+
+
+@attrs.frozen
+class Get:
+    id: str | None
+    order_id: str | None
+    sku: str | None
+
+
+@attrs.frozen
+class Query:
+    id: str | None
+    filter: Filter
+    limit: int
+
+
+@attrs.frozen
+class Ping:
+    id: str | None
+
+
+ClientRequest = Auth | Subscribe | Unsubscribe | CommandRequest | Get | Query | Ping
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_json_object(text: str | bytes) -> dict[str, Any]:
+    """The frame as a JSON object, or `bad_request` (binary, not JSON, not an object)."""
+    if isinstance(text, (bytes, bytearray)):
+        raise ClientError("bad_request", "binary frames are not accepted: send one JSON object as a text frame")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ClientError("bad_request", f"not valid JSON: {_short(exc)}") from None
+    if not isinstance(value, dict):
+        raise ClientError("bad_request", f"a frame must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def parse_request(text: str | bytes) -> ClientRequest:
+    """Parse one client frame into a typed request; raise ClientError with the code to send."""
+    message = parse_json_object(text)
+    request_id = message.get("id")
+    if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX):
+        raise ClientError("bad_request", f"id must be a string of 1..{REQUEST_ID_MAX} characters")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ClientError("bad_request", "every frame needs a string field type", request_id)
+    if kind not in REQUEST_FIELDS:
+        raise ClientError("unknown_type", f"unknown type {kind[:64]!r}; expected one of {', '.join(REQUEST_FIELDS)}", request_id)
+    extra = sorted(set(message) - REQUEST_FIELDS[kind] - {"type", "id"})
+    # An `auth` frame is judged by its token alone (a bad one closes with 4001 `invalid token`).
+    if extra and kind != "auth":
+        raise ClientError("bad_request", f"{kind}: unknown field {extra[0][:64]!r}", request_id)
+    return _PARSERS[kind](message, request_id)
+
+
+def _parse_auth(message: dict, request_id: str | None) -> Auth:
+    return Auth(request_id, message.get("token"))
+
+
+def _channel(message: dict, request_id: str | None) -> str:
+    channel = message.get("channel")
+    if not isinstance(channel, str) or not CHANNEL_RE.match(channel):
+        raise ClientError("bad_request", "channel must be orders, inventory or order:<order_id>", request_id)
+    return channel
+
+
+def _parse_subscribe(message: dict, request_id: str | None) -> Subscribe:
+    channel = _channel(message, request_id)
+    since = message.get("since")
+    if since is not None and (not _is_int(since) or since < 0):
+        raise ClientError("bad_request", "since must be an integer >= 0", request_id)
+    log_id = message.get("log_id")
+    if log_id is not None and not isinstance(log_id, str):
+        raise ClientError("bad_request", "log_id must be a string", request_id)
+    return Subscribe(request_id, channel, since, log_id)
+
+
+def _parse_unsubscribe(message: dict, request_id: str | None) -> Unsubscribe:
+    return Unsubscribe(request_id, _channel(message, request_id))
+
+
+def _parse_command(message: dict, request_id: str | None) -> CommandRequest:
+    if request_id is None:
+        raise ClientError("bad_request", "a command needs an id (its idempotency key)")
+    name = message.get("name")
+    if not isinstance(name, str):
+        raise ClientError("bad_request", "command: name must be a string", request_id)
+    order_id = message.get("order_id")
+    if order_id is not None and not isinstance(order_id, str):
+        raise ClientError("bad_request", "order_id must be a string", request_id)
+    expected = message.get("expected_version")
+    if expected is not None and (not _is_int(expected) or expected < 0):
+        raise ClientError("bad_request", "expected_version must be an integer >= 0", request_id)
+    data = message.get("data", {})
+    if not isinstance(data, dict):
+        raise ClientError("bad_request", "data must be an object", request_id)
+    return CommandRequest(request_id, Command(name, request_id, order_id, expected, data))
+
+
+def _parse_get(message: dict, request_id: str | None) -> Get:
+    order_id, sku = message.get("order_id"), message.get("sku")
+    if (order_id is None) == (sku is None):
+        raise ClientError("bad_request", "get needs exactly one of order_id, sku", request_id)
+    value = order_id if sku is None else sku
+    if not isinstance(value, str) or not ID_RE.match(value):
+        which = "order_id" if sku is None else "sku"
+        raise ClientError("bad_request", f"{which} must be 1..64 characters of [A-Za-z0-9._-]", request_id)
+    return Get(request_id, order_id, sku)
+
+
+def _parse_query(message: dict, request_id: str | None) -> Query:
+    limit = message.get("limit", DEFAULT_QUERY_LIMIT)
+    if not _is_int(limit) or not 1 <= limit <= MAX_QUERY_LIMIT:
+        raise ClientError("bad_request", f"limit must be an integer from 1 to {MAX_QUERY_LIMIT}", request_id)
+    raw = message.get("filter", {})
+    if not isinstance(raw, dict):
+        raise ClientError("bad_request", "filter must be an object", request_id)
+    unknown = sorted(set(raw) - set(FILTER_KEYS))
+    if unknown:
+        raise ClientError("bad_request", f"filter: unknown key {unknown[0][:64]!r} (known: {', '.join(FILTER_KEYS)})", request_id)
+    fields: dict[str, Any] = {}
+    for key in ("stream", "order_id", "actor"):
+        if key in raw:
+            if not isinstance(raw[key], str):
+                raise ClientError("bad_request", f"filter.{key} must be a string", request_id)
+            fields[key] = raw[key]
+    if "types" in raw:
+        types = raw["types"]
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types) or len(types) > 100:
+            raise ClientError("bad_request", "filter.types must be a list of strings", request_id)
+        fields["types"] = tuple(types)
+    for key in ("after", "until"):
+        if key in raw:
+            if not _is_int(raw[key]) or raw[key] < 0:
+                raise ClientError("bad_request", f"filter.{key} must be an integer >= 0", request_id)
+            fields[key] = raw[key]
+    for key in ("from_time", "to_time"):
+        if key in raw:
+            try:
+                fields[key] = time_bound(raw[key])
+            except (ValueError, TypeError):
+                raise ClientError("bad_request", f"filter.{key} must be an RFC 3339 time with an offset", request_id) from None
+    return Query(request_id, Filter(**fields), limit)
+
+
+def _parse_ping(message: dict, request_id: str | None) -> Ping:
+    return Ping(request_id)
+
+
+_PARSERS = {
+    "auth": _parse_auth,
+    "subscribe": _parse_subscribe,
+    "unsubscribe": _parse_unsubscribe,
+    "command": _parse_command,
+    "get": _parse_get,
+    "query": _parse_query,
+    "ping": _parse_ping,
+}
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:120]
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    """One server frame: compact JSON, UTF-8 as is."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def reply(kind: str, request_id: str | None, **fields: Any) -> str:
+    """A reply frame of `kind`, echoing the request's id when it had one."""
+    message: dict[str, Any] = {"type": kind}
+    if request_id is not None:
+        message["id"] = request_id
+    message.update(fields)
+    return encode(message)
+
+
+def error(code: str, message: str, request_id: str | None = None, details: Mapping | None = None) -> str:
+    """An `error` frame."""
+    fields: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        fields["details"] = dict(details)
+    return reply("error", request_id, **fields)
+
+
+def error_from(rejection: Rejected, request_id: str | None) -> str:
+    return error(rejection.code, rejection.message, request_id, rejection.details)

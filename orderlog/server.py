@@ -1,0 +1,658 @@
+"""The trio shell: WebSocket server, the writer task, subscriptions and shutdown.
+
+Theory of operation.
+- One writer task owns the writing SQLite connection. Connections hand it commands through a
+  bounded channel; it takes whatever is waiting (in arrival order), commits it as one batch in a
+  worker thread (group commit), publishes the new events to the in-memory window, and only
+  then sends the acks.
+- Each connection runs one nursery: a receive loop (requests), a send loop (replies, then
+  subscription events), a keep-alive pinger and a token-expiry watch. The send loop is the only
+  writer of event frames, so a subscription's frames are always in seq order, and a slow client
+  only delays itself: its subscriptions are cursors that fall back from the window to SQLite.
+- Replies wait in a bounded per-connection outbox; when it is full the receive loop stops
+  reading, so a client that sends but never reads is held back by TCP, not by our memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import signal
+import ssl
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+
+from . import auth, protocol
+from .auth import AUTH_CLOSE_CODE, AuthError, Keys
+from .domain import Principal, Rejected, authorize, can_see_order, validate
+from .feed import Channel, FeedEvent, Window, read_feed
+from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
+
+log = logging.getLogger("orderlog")
+
+WS_PATH = "/v1/ws"
+GOING_AWAY = 1001
+MAX_BATCH = 2000  # commands per group commit
+WRITER_QUEUE = 10_000  # commands waiting for the writer before senders block
+CATCHUP_PAGE = 1000  # events read from SQLite per catch-up step
+WINDOW_PAGE = 2000  # events taken from the window per send-loop step
+OUTBOX_LIMIT = 256  # replies waiting to be sent before the receive loop stops reading
+MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
+READERS = 2  # read-only SQLite connections for catch-up, get and query
+EXTERNAL_POLL = 1.0  # seconds between looks for events written by another process
+CLOSE_TIMEOUT = 2.0
+PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn  # seconds to wait for a client's close handshake
+
+
+@attrs.frozen
+class Settings:
+    """Everything `orderlog serve` can be told; defaults live here."""
+
+    db: str = "orderlog.db"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    keys: Keys | None = None
+    allow_origins: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_size: int = 64 * 1024  # larger frames close with 1009
+    auth_timeout: float = 10.0
+    ping_interval: float = 20.0
+    max_connections: int = 10_000
+    max_subscriptions: int = 16  # per connection
+    rate_limit: float = 500.0  # commands per second per connection (token bucket)
+    rate_burst: int = 1000
+    handshake_timeout: float = 10.0  # slow handshakes are dropped after this
+    synchronous: str = "FULL"
+    window: int = 20_000
+
+
+class CloseConnection(Exception):
+    """Raised inside a connection's tasks to close it with a code and reason."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+# -- storage access from trio -----------------------------------------------------------------
+
+
+class Readers:
+    """A few read-only connections, each used by one worker thread at a time."""
+
+    def __init__(self, path: str, count: int = READERS):
+        self._free = [Store.open(path, readonly=True) for _ in range(count)]
+        self._all = list(self._free)
+        self._limiter = trio.CapacityLimiter(count)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        async with self._limiter:
+            store = self._free.pop()
+            try:
+                return await trio.to_thread.run_sync(fn, store, *args)
+            finally:
+                self._free.append(store)
+
+    def close(self) -> None:
+        for store in self._all:
+            store.close()
+
+
+@attrs.define
+class Pending:
+    request: Request
+    connection: "Connection"
+
+
+class Hub:
+    """The committed head, the window of recent events, and who waits for the next ones."""
+
+    def __init__(self, head: int, size: int):
+        self.window = Window(head, size)
+        self.waiting: set[Connection] = set()
+
+    @property
+    def head(self) -> int:
+        return self.window.head
+
+    def publish(self, events: list[FeedEvent]) -> None:
+        if not events:
+            return
+        self.window.append(events)
+        waiting, self.waiting = self.waiting, set()
+        for connection in waiting:
+            connection.wake()
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store.open(settings.db, create=True, synchronous=settings.synchronous)
+        self.log_id = self.store.log_id
+        self.readers = Readers(settings.db)
+        self.hub = Hub(self.store.head(), settings.window)
+        self.connections: set[Connection] = set()
+        self._ids = itertools.count(1)
+        self._send_commands, self._receive_commands = trio.open_memory_channel[Pending](WRITER_QUEUE)
+        self.writer_alive = False
+        self.stopping = False
+        self._behind = False  # the last publish stopped at PUBLISH_LIMIT: read on at once
+
+    # writer ---------------------------------------------------------------------------
+
+    async def submit(self, pending: Pending) -> None:
+        await self._send_commands.send(pending)
+
+    def _commit(self, requests: list[Request], after: int) -> tuple[list, list[FeedEvent]]:
+        outcomes: list = []
+        try:
+            outcomes = self.store.execute_batch(requests) if requests else []
+        finally:
+            # Whatever happened, publish what is committed (ours or another process's).
+            events = read_feed(self.store.conn, None, after, 2**62, PUBLISH_LIMIT)
+        return outcomes, events
+
+    async def writer(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Take waiting commands, commit them as one batch, publish, then ack."""
+        self.writer_alive = True
+        task_status.started()
+        try:
+            while True:
+                batch: list[Pending] = []
+                with trio.move_on_after(0 if self._behind else EXTERNAL_POLL):
+                    try:
+                        batch.append(await self._receive_commands.receive())
+                    except trio.EndOfChannel:
+                        return
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive_commands.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._run_batch(batch)
+        finally:
+            self.writer_alive = False
+
+    async def _run_batch(self, batch: list[Pending]) -> None:
+        requests = [p.request for p in batch]
+        try:
+            outcomes, events = await trio.to_thread.run_sync(self._commit, requests, self.hub.head)
+        except Unavailable as exc:
+            log.error("event=commit.failed commands=%d reason=%s", len(batch), exc)
+            outcomes = [Rejected("unavailable", f"the log cannot be written right now ({exc}); retry later")] * len(batch)
+            events = []
+        except Exception:
+            log.exception("event=commit.crashed commands=%d", len(batch))
+            outcomes = [Rejected("internal", "internal error; the command was not applied")] * len(batch)
+            events = []
+        self._behind = len(events) >= PUBLISH_LIMIT
+        self.hub.publish(events)
+        for pending, outcome in zip(batch, outcomes):
+            pending.connection.command_done(pending.request.command.command_id, outcome)
+
+    # connections ----------------------------------------------------------------------
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        """trio-websocket's handler: check the handshake, then run the connection."""
+        target = urlsplit(request.path)
+        if target.path != WS_PATH:
+            await request.reject(404, body=b"not found: the WebSocket endpoint is /v1/ws\n")
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        origin = headers.get("origin")
+        if self.settings.allow_origins and origin is not None and origin not in self.settings.allow_origins:
+            log.info("event=handshake.rejected status=403 reason=origin origin=%r", origin[:200])
+            await request.reject(403, body=b"origin not allowed\n")
+            return
+        if self.stopping or len(self.connections) >= self.settings.max_connections:
+            await request.reject(503, body=b"server busy: too many connections\n")
+            return
+        token = _handshake_token(target.query, headers.get("authorization"))
+        ws = await request.accept()
+        connection = Connection(self, ws, next(self._ids), token)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+            self.hub.waiting.discard(connection)
+
+    async def close_all(self, code: int, reason: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for connection in list(self.connections):
+                nursery.start_soon(connection.close, code, reason)
+
+    def close(self) -> None:
+        self.readers.close()
+        try:
+            self.store.checkpoint()
+        finally:
+            self.store.close()
+
+
+def _handshake_token(query: str, authorization: str | None) -> str | None:
+    """The token from `?token=` (first) or `Authorization: Bearer` (second), if any."""
+    values = parse_qs(query, keep_blank_values=True).get("token")
+    if values:
+        return values[0]
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            return value.strip()
+    return None
+
+
+# -- one connection ----------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Subscription:
+    channel: Channel
+    cursor: int  # every visible event with seq <= cursor has been sent
+    prev: int  # seq of the last event sent (or `since`)
+    head: int  # subscribed.head: `live` comes once cursor >= it
+    live_sent: bool = False
+
+
+class Connection:
+    def __init__(self, service: Service, ws: WebSocketConnection, number: int, token: str | None):
+        self.service = service
+        self.ws = ws
+        self.number = number
+        self.handshake_token = token
+        self.principal: Principal | None = None
+        self.expires_at = 0.0
+        self.subs: dict[str, Subscription] = {}
+        self.outbox: deque[str] = deque()
+        self.inflight = 0
+        self._wake = trio.Event()
+        self._space = trio.Event()
+        self._expiry_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self.close_reason: tuple[int, str] | None = None
+        settings = service.settings
+        self._tokens = float(settings.rate_burst)
+        self._refilled = time.monotonic()
+        remote = ws.remote
+        self.remote = f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
+
+    # lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("event=connection.open conn=%d remote=%s", self.number, self.remote)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._guard(self._authenticate, stop_after=False)
+                if self.principal is not None and self.close_reason is None:
+                    for task in (self._receive_loop, self._send_loop, self._keepalive, self._expiry_watch):
+                        nursery.start_soon(self._guard, task)
+        finally:
+            if self.close_reason is not None:
+                code, reason = self.close_reason
+            elif self.ws.closed is not None:
+                code, reason = self.ws.closed.code, self.ws.closed.reason or ""
+            else:
+                code, reason = 1006, ""
+            user = self.principal.user if self.principal else "-"
+            role = self.principal.role if self.principal else "-"
+            log.info("event=connection.close conn=%d remote=%s user=%s role=%s code=%s reason=%r",
+                     self.number, self.remote, user, role, code, reason)
+
+    async def _guard(self, task: Callable[[], Any], stop_after: bool = True) -> None:
+        """Run one of the connection's tasks; any way it ends closes the whole connection."""
+        try:
+            await task()
+        except CloseConnection as exc:
+            await self.close(exc.code, exc.reason)
+            return
+        except ConnectionClosed:
+            self.close_reason = self.close_reason or ((self.ws.closed.code, self.ws.closed.reason or "")
+                                                      if self.ws.closed else (1006, ""))
+            stop_after = True
+        if stop_after and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with `code` and `reason` (once), then stop every task of this connection."""
+        if self.close_reason is None and self.ws.closed is None:
+            self.close_reason = (code, reason)
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await self.ws.aclose(code, reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # authentication -------------------------------------------------------------------
+
+    async def _authenticate(self) -> None:
+        token = self.handshake_token
+        request_id = None
+        if token is None:
+            with trio.move_on_after(self.service.settings.auth_timeout):
+                try:
+                    first = await self.ws.get_message()
+                except ConnectionClosed:
+                    raise
+                try:
+                    message = protocol.parse_json_object(first)
+                except protocol.ClientError:
+                    message = None
+                if not message or message.get("type") != "auth":
+                    raise CloseConnection(AUTH_CLOSE_CODE, auth.REQUIRED)
+                token = message.get("token")
+                request_id = message.get("id") if isinstance(message.get("id"), str) else None
+                if token is None:
+                    raise CloseConnection(AUTH_CLOSE_CODE, auth.INVALID)
+            if token is None:
+                raise CloseConnection(AUTH_CLOSE_CODE, auth.TIMEOUT)
+        self._accept_token(token, request_id)
+
+    def _accept_token(self, token: Any, request_id: str | None) -> None:
+        keys = self.service.settings.keys
+        assert keys is not None
+        try:
+            claims = auth.verify(token, keys, time.time())
+        except AuthError as exc:
+            log.info("event=auth.refused conn=%d remote=%s reason=%r detail=%r",
+                     self.number, self.remote, exc.reason, exc.detail)
+            raise CloseConnection(AUTH_CLOSE_CODE, exc.reason) from None
+        if self.principal is not None and claims.principal.user != self.principal.user:
+            raise CloseConnection(AUTH_CLOSE_CODE, auth.SUBJECT_CHANGED)
+        first = self.principal is None
+        self.principal = claims.principal
+        self.expires_at = claims.expires_at
+        if self._expiry_scope is not None:
+            self._expiry_scope.deadline = self._deadline()
+        if first:
+            log.info("event=connection.auth conn=%d user=%s role=%s", self.number, claims.principal.user,
+                     claims.principal.role)
+        self.push(protocol.reply(
+            "welcome", request_id, user=claims.principal.user, role=claims.principal.role,
+            head=self.service.hub.head, log_id=self.service.log_id, expires_at=auth.rfc3339(claims.expires_at),
+        ))
+
+    def _deadline(self) -> float:
+        return trio.current_time() + max(0.0, self.expires_at - time.time())
+
+    async def _expiry_watch(self) -> None:
+        with trio.CancelScope(deadline=self._deadline()) as scope:
+            self._expiry_scope = scope
+            await trio.sleep_forever()
+        raise CloseConnection(AUTH_CLOSE_CODE, auth.EXPIRED)
+
+    async def _keepalive(self) -> None:
+        interval = self.service.settings.ping_interval
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as scope:
+                await self.ws.ping()
+            if scope.cancelled_caught:
+                raise CloseConnection(GOING_AWAY, "keep-alive ping not answered")
+
+    # outbox ---------------------------------------------------------------------------
+
+    def push(self, frame: str) -> None:
+        self.outbox.append(frame)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def command_done(self, command_id: str, outcome: Ack | Rejected) -> None:
+        self.inflight -= 1
+        if isinstance(outcome, Ack):
+            self.push(protocol.reply("ack", command_id, seq=outcome.seq, version=outcome.version,
+                                     events=list(outcome.events), duplicate=outcome.duplicate))
+        else:
+            self.push(protocol.error_from(outcome, command_id))
+        self._space.set()
+
+    async def _room(self) -> None:
+        """Wait until the outbox and the commands in flight are under their limits."""
+        while len(self.outbox) >= OUTBOX_LIMIT or self.inflight >= MAX_INFLIGHT:
+            self._space = trio.Event()
+            await self._space.wait()
+
+    # receiving ------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            await self._room()
+            frame = await self.ws.get_message()
+            try:
+                await self._dispatch(protocol.parse_request(frame))
+            except protocol.ClientError as exc:
+                self.push(protocol.error(exc.code, exc.message, exc.request_id, exc.details))
+
+    async def _dispatch(self, request: protocol.ClientRequest) -> None:
+        principal = self.principal
+        assert principal is not None
+        service = self.service
+        if isinstance(request, protocol.CommandRequest):
+            if not self._take_token():
+                raise protocol.ClientError("rate_limited", "too many commands; slow down and retry", request.id)
+            try:
+                validate(request.command)
+                authorize(request.command, principal)
+            except Rejected as exc:
+                raise protocol.ClientError(exc.code, exc.message, request.id, exc.details) from None
+            self.inflight += 1
+            at = format_time(datetime.now(timezone.utc))
+            await service.submit(Pending(Request(principal, request.command, at), self))
+        elif isinstance(request, protocol.Subscribe):
+            await self._subscribe(request, principal)
+        elif isinstance(request, protocol.Unsubscribe):
+            self.subs.pop(request.channel, None)
+            self.push(protocol.reply("unsubscribed", request.id, channel=request.channel))
+        elif isinstance(request, protocol.Get):
+            await self._get(request, principal)
+        elif isinstance(request, protocol.Query):
+            await self._query(request, principal)
+        elif isinstance(request, protocol.Ping):
+            self.push(protocol.reply("pong", request.id, head=service.hub.head))
+        elif isinstance(request, protocol.Auth):
+            self._accept_token(request.token, request.id)
+
+    def _take_token(self) -> bool:
+        settings = self.service.settings
+        now = time.monotonic()
+        self._tokens = min(settings.rate_burst, self._tokens + (now - self._refilled) * settings.rate_limit)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def _subscribe(self, request: protocol.Subscribe, principal: Principal) -> None:
+        service = self.service
+        if request.channel.startswith("order:"):
+            order_id = request.channel[6:]
+            order = await service.readers.run(Store.get_order, order_id)
+            if not can_see_order(principal, order):
+                raise protocol.ClientError("not_found", f"order {order_id!r} not found", request.id)
+        head = service.hub.head
+        if request.log_id is not None and request.log_id != service.log_id:
+            raise protocol.ClientError("resync_required", "log_id is not this log's: drop your state and start over "
+                                       "from since 0", request.id, {"log_id": service.log_id, "head": head})
+        if request.since is not None and request.since > head:
+            raise protocol.ClientError("resync_required", f"since {request.since} is beyond the head {head}: this "
+                                       "log is not the one you read; start over from since 0", request.id,
+                                       {"log_id": service.log_id, "head": head})
+        if request.channel not in self.subs and len(self.subs) >= service.settings.max_subscriptions:
+            raise protocol.ClientError("rate_limited", f"at most {service.settings.max_subscriptions} subscriptions "
+                                       "per connection", request.id)
+        since = head if request.since is None else request.since
+        self.subs[request.channel] = Subscription(Channel(request.channel, principal), since, since, head)
+        self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=since, head=head))
+
+    async def _get(self, request: protocol.Get, principal: Principal) -> None:
+        readers = self.service.readers
+        if request.order_id is not None:
+            order = await readers.run(Store.get_order, request.order_id)
+            if not can_see_order(principal, order):
+                raise protocol.ClientError("not_found", f"order {request.order_id!r} not found", request.id)
+            self.push(protocol.reply("order", request.id, order=order.to_json()))
+        else:
+            stock = await readers.run(Store.get_stock, request.sku)
+            if stock is None:
+                raise protocol.ClientError("not_found", f"sku {request.sku!r} not found", request.id)
+            self.push(protocol.reply("stock", request.id, stock=stock.to_json()))
+
+    async def _query(self, request: protocol.Query, principal: Principal) -> None:
+        if not auth.can_query(principal):
+            raise protocol.ClientError("forbidden", "query is for staff and auditors", request.id)
+        events = await self.service.readers.run(Store.read_events, request.filter, request.limit + 1)
+        more = len(events) > request.limit
+        events = events[: request.limit]
+        self.push(protocol.reply("result", request.id, events=[event_json(e) for e in events],
+                                 next=events[-1].seq if more else None))
+
+    # sending --------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        ws = self.ws
+        hub = self.service.hub
+        while True:
+            while self.outbox:
+                frame = self.outbox.popleft()
+                self._space.set()
+                await ws.send_message(frame)
+            progressed = False
+            # One step for each subscription per pass, so a busy channel cannot starve another.
+            for sub in list(self.subs.values()):
+                if self.outbox:
+                    break
+                if not sub.live_sent and sub.cursor >= sub.head:
+                    sub.live_sent = True
+                    await ws.send_message(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
+                    progressed = True
+                elif sub.cursor < hub.head:
+                    await self._advance(sub)
+                    progressed = True
+            if progressed or self.outbox:
+                continue
+            self._wake = trio.Event()
+            if self.subs:
+                hub.waiting.add(self)
+            await self._wake.wait()
+
+    async def _advance(self, sub: Subscription) -> None:
+        """Send the next page of what `sub` has not seen yet, from the window or SQLite."""
+        hub = self.service.hub
+        window = hub.window
+        channel = sub.channel
+        if window.covers(sub.cursor):
+            events = window.after(sub.cursor, WINDOW_PAGE)
+            cursor = events[-1].seq
+            visible = [e for e in events if channel.sees(e)]
+        else:
+            until = hub.head
+            visible = await self.service.readers.run(_read_channel, channel, sub.cursor, until, CATCHUP_PAGE)
+            cursor = until if len(visible) < CATCHUP_PAGE else visible[-1].seq
+            if self.subs.get(channel.name) is not sub:
+                return  # replaced or unsubscribed while reading
+        name = channel.json_name
+        for event in visible:
+            frame = event.frame(name, sub.prev, channel.redacts(event))
+            await self.ws.send_message(frame)
+            sub.prev = event.seq
+            if self.subs.get(channel.name) is not sub:
+                return
+        sub.cursor = cursor
+
+
+def _read_channel(store: Store, channel: Channel, after: int, until: int, limit: int) -> list[FeedEvent]:
+    return read_feed(store.conn, channel, after, until, limit)
+
+
+# -- running the server ------------------------------------------------------------------------
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+async def serve(settings: Settings, *, stop: trio.Event | None = None, handle_signals: bool = True,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the service until `stop` is set or SIGINT/SIGTERM arrives; `task_status.started(url)`
+    once listening. Then: stop accepting, close every connection with 1001, let the writer
+    finish what it was handed, checkpoint the WAL and return."""
+    service = Service(settings)
+    try:
+        await _serve(service, stop or trio.Event(), handle_signals, task_status)
+    finally:
+        service.close()
+
+
+async def _serve(service: Service, stop: trio.Event, handle_signals: bool, task_status) -> None:
+    settings = service.settings
+    context = ssl_context(settings)
+    async with trio.open_nursery() as outer:
+        await outer.start(service.writer)
+        if handle_signals:
+            outer.start_soon(_wait_for_signal, stop)
+        async with trio.open_nursery() as connections:
+            listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+            if context is not None:
+                listeners = [trio.SSLListener(l, context, https_compatible=True) for l in listeners]
+            server = WebSocketServer(
+                service.handle, listeners, handler_nursery=connections,
+                max_message_size=settings.max_message_size, connect_timeout=settings.handshake_timeout,
+                disconnect_timeout=CLOSE_TIMEOUT,
+            )
+            listen_scope = trio.CancelScope()
+
+            async def run_listener(task_status=trio.TASK_STATUS_IGNORED):
+                with listen_scope:
+                    await server.run(task_status=task_status)
+
+            await connections.start(run_listener)
+            scheme = "wss" if context is not None else "ws"
+            url = f"{scheme}://{_url_host(settings.host)}:{server.port}{WS_PATH}"
+            log.info("event=listening url=%s log_id=%s head=%d db=%s", url, service.log_id, service.hub.head,
+                     settings.db)
+            task_status.started(url)
+            await stop.wait()
+            # Stop accepting, close every connection with 1001, then let the writer finish.
+            service.stopping = True
+            listen_scope.cancel()
+            with trio.move_on_after(5):
+                await service.close_all(GOING_AWAY, "server shutting down")
+            connections.cancel_scope.cancel()
+        await service._send_commands.aclose()
+        with trio.move_on_after(3):
+            while service.writer_alive:
+                await trio.sleep(0.01)
+        outer.cancel_scope.cancel()
+    log.info("event=stopped head=%d", service.hub.head)
+
+
+async def _wait_for_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("event=shutdown signal=%s", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
