@@ -1,0 +1,541 @@
+"""The `orderlog` command line: the auditor's and operator's tools over one SQLite file.
+
+A thin shell: each subcommand parses its flags, opens the store (read-only whenever it only
+reads, so it may run next to a live server), calls into `store`, `audit` or `seed` and
+prints. Errors the user can fix (a missing or foreign file, a malformed flag) are one line on
+stderr, `orderlog: error: ...`, exit 2; Ctrl-C exits 130 and a closed pipe exits quietly.
+The service subcommands (serve, token, tail) come from `cli_service`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sqlite3
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO
+
+import attrs
+
+from . import __version__, audit
+from .domain import EVENT_TYPES, Event, Rejected
+from .progress import Progress
+from .seed import SeedGenerator
+from .store import Filter, Store, StoreError, dumps, event_json, format_time, migrations, time_bound
+
+DEFAULT_DB = "orderlog.db"
+DB_ENV = "ORDERLOG_DB"
+EXPORT_PAGE = 5000  # events read per query while exporting
+DEFAULT_SEED_BATCH = 500  # commands per transaction while seeding
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+
+CSV_COLUMNS = ("seq", "stream", "version", "type", "at", "actor", "command_id", "data", "hash")
+
+
+class UsageError(Exception):
+    """A flag value argparse cannot check by itself (a malformed time, say): exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"orderlog: error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `orderlog` command line; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.func(args) or 0
+    except SystemExit as exc:  # argparse's --help and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except (StoreError, UsageError) as exc:
+        return _fail(str(exc))
+    except sqlite3.DatabaseError as exc:
+        return _fail(f"{_db_path_of(argv)}: database error: {exc}")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"orderlog: error: {message}\n")
+    return EXIT_USAGE
+
+
+def _silence_stdout() -> None:
+    """After the reader closed the pipe, point stdout at /dev/null so the exit flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _db_path_of(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--db" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--db="):
+            return arg[5:]
+    return os.environ.get(DB_ENV) or DEFAULT_DB
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `orderlog` parser with every subcommand (ours, then the service's)."""
+    parser = Parser(
+        prog="orderlog",
+        description="An event-sourced pet-store order service on one SQLite file: "
+        "tools to create, inspect, audit and seed the log.",
+    )
+    parser.add_argument("--version", action="version", version=f"orderlog {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    db = Parser(add_help=False)
+    db.add_argument(
+        "--db", metavar="PATH", default=None,
+        help=f"the database file (default: ${DB_ENV}, else ./{DEFAULT_DB})",
+    )
+
+    p = subparsers.add_parser(
+        "migrate", parents=[db], help="create the database if missing and apply migrations",
+        description="Create the database file if it does not exist and apply the schema migrations "
+        "it lacks, each exactly once. Prints what was applied.",
+    )
+    p.set_defaults(func=cmd_migrate)
+
+    p = subparsers.add_parser(
+        "events", parents=[db], help="export events (JSONL, CSV or a table)",
+        description="Print the events that match every given filter, in seq order. Reads through a "
+        "read-only connection, so it may run while a server writes: it prints a committed prefix "
+        "of the log (up to the head when it started). JSONL lines are the EVENT objects of the "
+        "protocol, from which every hash can be recomputed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  orderlog events --order o-17 --format table\n"
+        "  orderlog events --type order-created --type order-cancelled --from-time 2026-11-01T00:00:00Z\n"
+        "  orderlog events --after 1000 --limit 1000 > page.jsonl",
+    )
+    p.add_argument("--stream", help="only this stream (order:ID or sku:SKU)")
+    p.add_argument("--order", metavar="ORDER_ID", help="only events about this order (its own and its stock moves)")
+    p.add_argument("--type", dest="types", action="append", choices=EVENT_TYPES, metavar="TYPE",
+                   help="only this event type (repeatable): " + ", ".join(EVENT_TYPES))
+    p.add_argument("--actor", metavar="USER", help="only events written by this user's commands")
+    p.add_argument("--after", type=_non_negative, default=0, metavar="SEQ", help="only events with seq > SEQ")
+    p.add_argument("--until", type=_non_negative, default=None, metavar="SEQ", help="only events with seq <= SEQ")
+    p.add_argument("--from-time", metavar="TIME", help="only events at or after TIME (RFC 3339 with offset)")
+    p.add_argument("--to-time", metavar="TIME", help="only events before TIME (RFC 3339 with offset)")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N events (default: all)")
+    p.add_argument("--format", choices=("jsonl", "csv", "table"), default="jsonl",
+                   help="jsonl (default): one EVENT object per line; csv: a header row, data as JSON "
+                   "text; table: aligned columns for a terminal")
+    p.set_defaults(func=cmd_events)
+
+    p = subparsers.add_parser(
+        "verify", parents=[db], help="check the hash chain, seq/version continuity and projections",
+        description="Recompute the hash chain of the whole log, check that seq numbers run 1, 2, 3 ... "
+        "and every stream's versions 1, 2, 3 ..., then check that the stored projections equal a "
+        "fresh fold of the log. Exit 0 with a one-line summary if all hold; otherwise exit 1 and "
+        "name the first bad seq (or order/sku).",
+    )
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser(
+        "rebuild", parents=[db], help="recompute the projections from the log",
+        description="Fold the whole log into fresh projections (orders and stock) and replace the "
+        "stored ones in one transaction. Safe while a server runs; the log itself is never changed.",
+    )
+    p.set_defaults(func=cmd_rebuild)
+
+    p = subparsers.add_parser(
+        "stats", parents=[db], help="head, counts by type and status, stock summary, file size",
+        description="Summarize the database: head seq, log_id, schema version, event counts by type, "
+        "orders by status, stock summary and the file size (database + WAL).",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_stats)
+
+    p = subparsers.add_parser(
+        "seed", parents=[db], help="write a realistic pet-store history through the command path",
+        description="Generate a deterministic pet-store history (staff restock; customers place, "
+        "update and cancel orders; staff approve, ship, deliver and cancel; some commands are "
+        "rejected for stock or state, as in real life) and append it through the real command "
+        "path in group-committed batches. The same --seed on a new database gives the same "
+        "commands and outcomes. Creates the database if missing; running it again adds a new run.",
+    )
+    p.add_argument("--commands", type=_positive, required=True, metavar="N", help="how many commands to send")
+    p.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default 1)")
+    p.add_argument("--batch", type=_positive, default=DEFAULT_SEED_BATCH, metavar="B",
+                   help=f"commands per transaction (default {DEFAULT_SEED_BATCH})")
+    p.add_argument("--synchronous", type=str.upper, choices=("FULL", "NORMAL", "OFF"), default="FULL",
+                   help="SQLite's synchronous setting for the writes (default FULL: durable at every commit)")
+    p.set_defaults(func=cmd_seed)
+
+    from . import cli_service
+
+    cli_service.register(subparsers)
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)  # ValueError: argparse reports "invalid _non_negative value"
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+_non_negative.__name__ = "integer"  # argparse names the type in its message
+_positive.__name__ = "integer"
+
+
+def db_path(args: argparse.Namespace) -> str:
+    """The database path: --db, else $ORDERLOG_DB, else ./orderlog.db."""
+    return args.db or os.environ.get(DB_ENV) or DEFAULT_DB
+
+
+# -- migrate ----------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    path = db_path(args)
+    existed = os.path.exists(path)
+    before = _schema_version(path) if existed else 0
+    store = Store.open(path, create=True)
+    try:
+        applied = store.conn.execute(
+            "SELECT version, name FROM schema_migrations WHERE version > ? ORDER BY version", (before,)
+        ).fetchall()
+        current = store.conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+    finally:
+        store.close()
+    if not existed:
+        print(f"created {path} (log_id {store.log_id})")
+    for _, name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print(f"{path}: up to date (schema {current}, {len(migrations())} known)")
+    return 0
+
+
+def _schema_version(path: str) -> int:
+    """The schema version of an existing file, 0 when it has none (Store.open reports the rest)."""
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+def event_filter(args: argparse.Namespace) -> Filter:
+    """The Filter for `events`' flags; UsageError for a malformed time."""
+    times = {}
+    for flag, value in (("--from-time", args.from_time), ("--to-time", args.to_time)):
+        if value is not None:
+            try:
+                times[flag] = time_bound(value)
+            except ValueError:
+                raise UsageError(
+                    f"{flag}: {value!r} is not an RFC 3339 time with an offset (e.g. 2026-11-25T17:03:00Z)"
+                ) from None
+    return Filter(
+        stream=args.stream,
+        order_id=args.order,
+        types=tuple(args.types) if args.types else None,
+        actor=args.actor,
+        after=args.after,
+        until=args.until,
+        from_time=times.get("--from-time"),
+        to_time=times.get("--to-time"),
+    )
+
+
+def iter_export(store: Store, filt: Filter, limit: int | None = None, page: int = EXPORT_PAGE) -> Iterator[list[Event]]:
+    """Pages of matching events up to the head as it is now (a committed prefix), at most `limit`."""
+    head = store.head()
+    until = head if filt.until is None else min(filt.until, head)
+    filt = attrs.evolve(filt, until=until)
+    remaining = limit
+    after = filt.after
+    while remaining is None or remaining > 0:
+        size = page if remaining is None else min(page, remaining)
+        batch = store.read_events(attrs.evolve(filt, after=after), limit=size)
+        if batch:
+            yield batch
+        if len(batch) < size:
+            return
+        after = batch[-1].seq
+        if remaining is not None:
+            remaining -= len(batch)
+
+
+def jsonl_line(event: Event) -> str:
+    """One JSONL line: the EVENT object, UTF-8 as is."""
+    return json.dumps(event_json(event), ensure_ascii=False, separators=(",", ":"))
+
+
+def write_events(pages: Iterator[list[Event]], fmt: str, out: TextIO) -> int:
+    """Write pages of events to `out` in `fmt`; return how many."""
+    count = 0
+    if fmt == "jsonl":
+        for batch in pages:
+            out.write("".join(jsonl_line(e) + "\n" for e in batch))
+            count += len(batch)
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for batch in pages:
+            writer.writerows(
+                (e.seq, e.stream, e.version, e.type, e.at, e.actor, e.command_id, dumps(e.data), e.hash) for e in batch
+            )
+            count += len(batch)
+    else:
+        count = _write_table(pages, out)
+    return count
+
+
+TABLE_HEADER = ("SEQ", "AT", "STREAM", "VER", "TYPE", "ACTOR", "COMMAND", "DATA")
+
+
+def _table_row(e: Event) -> tuple[str, ...]:
+    return (str(e.seq), e.at, e.stream, str(e.version), e.type, e.actor, e.command_id,
+            json.dumps(e.data, ensure_ascii=False, separators=(", ", ": ")))
+
+
+def _write_table(pages: Iterator[list[Event]], out: TextIO) -> int:
+    """Aligned columns; widths come from the first page (streaming: later rows may overflow)."""
+    widths: list[int] | None = None
+    numeric = {0, 3}
+    count = 0
+    for batch in pages:
+        rows = [_table_row(e) for e in batch]
+        if widths is None:
+            widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(TABLE_HEADER)]
+            out.write(_table_line(TABLE_HEADER, widths, set()) + "\n")
+        out.write("".join(_table_line(r, widths, numeric) + "\n" for r in rows))
+        count += len(rows)
+    if widths is None:
+        out.write("(no events)\n")
+    return count
+
+
+def _table_line(cells: Sequence[str], widths: Sequence[int], numeric: set[int]) -> str:
+    parts = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells[:-1], widths))]
+    return "  ".join(parts + [cells[-1]])
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    filt = event_filter(args)
+    store = Store.open(db_path(args), readonly=True)
+    try:
+        write_events(iter_export(store, filt, args.limit), args.format, sys.stdout)
+        sys.stdout.flush()
+    finally:
+        store.close()
+    return 0
+
+
+# -- verify, rebuild, stats -------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = db_path(args)
+    store = Store.open(path, readonly=True)
+    chain_bar, fold_bar = Progress("verify: hash chain "), Progress("verify: projections")
+    started = time.perf_counter()
+    try:
+        result = audit.verify_store(store, chain_bar, fold_bar)
+    finally:
+        chain_bar.clear()
+        fold_bar.clear()
+        store.close()
+    elapsed = time.perf_counter() - started
+    if not result.ok:
+        print(f"FAILED {path}: {result.problem}")
+        if result.events:
+            print(f"  (seq 1..{result.events} are sound, last good hash {result.last_hash})")
+        return 1
+    print(
+        f"ok {path}: {result.events:,} events, hash chain intact (head {result.head}, "
+        f"last hash {result.last_hash[:16] or '-'}), projections of {result.orders:,} orders and "
+        f"{result.skus:,} skus match the log ({elapsed:.1f} s)"
+    )
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    path = db_path(args)
+    store = Store.open(path)
+    bar = Progress("rebuild")
+    started = time.perf_counter()
+    try:
+        last = store.rebuild(bar)
+        bar.clear()
+        projections = store.stored_projections()
+    finally:
+        bar.clear()
+        store.close()
+    elapsed = time.perf_counter() - started
+    print(
+        f"rebuilt the projections of {path} from {last:,} events in {elapsed:.1f} s "
+        f"({len(projections.orders):,} orders, {len(projections.stock):,} skus)"
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    store = Store.open(db_path(args), readonly=True)
+    try:
+        info = audit.stats(store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    print(format_stats(info))
+    return 0
+
+
+def format_stats(info: dict[str, Any]) -> str:
+    """The text form of `audit.stats`."""
+    lines = [
+        f"database        {info['path']}",
+        f"log_id          {info['log_id']}",
+        f"schema version  {info['schema_version']}",
+        f"head seq        {info['head']:,}",
+        f"projections at  {info['projection_seq']:,}",
+        f"file size       {_bytes(info['file']['total_bytes'])} "
+        f"(db {_bytes(info['file']['db_bytes'])} + wal {_bytes(info['file']['wal_bytes'])})",
+        "events by type",
+    ]
+    lines += [f"  {t:<17} {n:>12,}" for t, n in info["events_by_type"].items()] or ["  (none)"]
+    lines.append(f"orders by status ({info['orders']:,} orders)")
+    lines += [f"  {s:<17} {n:>12,}" for s, n in info["orders_by_status"].items()] or ["  (none)"]
+    stock = info["stock"]
+    lines.append(f"stock           {stock['skus']:,} skus, {stock['available']:,} units available, "
+                 f"{stock['reserved']:,} reserved")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+# -- seed -------------------------------------------------------------------------------------
+
+
+@attrs.define
+class SeedReport:
+    """What a seed run did."""
+
+    commands: int = 0
+    accepted: int = 0
+    rejected: dict[str, int] = attrs.Factory(dict)
+    surprises: int = 0
+    events: int = 0
+    head: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.commands / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_seed(store: Store, commands: int, seed: int, batch: int,
+             progress: Callable[[int, int], None] | None = None,
+             clock: Callable[[], str] | None = None) -> SeedReport:
+    """Send `commands` generated commands through `Store.execute_batch`, `batch` at a time."""
+    clock = clock or (lambda: format_time(datetime.now(timezone.utc)))
+    start_head = store.head()
+    generator = SeedGenerator(seed, run=f"r{start_head}", stock=_available(store))
+    report = SeedReport()
+    started = time.perf_counter()
+    while report.commands < commands:
+        planned = generator.batch(min(batch, commands - report.commands), clock())
+        outcomes = store.execute_batch([p.request for p in planned])
+        for plan, outcome in zip(planned, outcomes):
+            if isinstance(outcome, Rejected):
+                report.rejected[outcome.code] = report.rejected.get(outcome.code, 0) + 1
+            else:
+                report.accepted += 1
+            if not generator.observe(plan, outcome):
+                report.surprises += 1
+        report.commands += len(planned)
+        if report.surprises:  # someone else writes too: believe the store, not the model
+            generator.sync_stock(_available(store))
+        if progress:
+            progress(report.commands, commands)
+    report.seconds = time.perf_counter() - started
+    report.head = store.head()
+    report.events = report.head - start_head
+    return report
+
+
+def _available(store: Store) -> dict[str, int]:
+    from .seed import CATALOG
+
+    found = {}
+    for sku, _, _ in CATALOG:
+        stock = store.get_stock(sku)
+        if stock is not None:
+            found[sku] = stock.available
+    return found
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    path = db_path(args)
+    store = Store.open(path, create=True, synchronous=args.synchronous)
+    bar = Progress("seed")
+    try:
+        report = run_seed(store, args.commands, args.seed, args.batch, bar)
+    finally:
+        bar.clear()
+        store.close()
+    rejected = sum(report.rejected.values())
+    detail = ", ".join(f"{code} {n:,}" for code, n in sorted(report.rejected.items()))
+    print(
+        f"seeded {path}: {report.commands:,} commands in {report.seconds:.2f} s "
+        f"({report.rate:,.0f} commands/s, synchronous={args.synchronous}, batch {args.batch})"
+    )
+    print(f"  accepted {report.accepted:,}, rejected {rejected:,}" + (f" ({detail})" if detail else ""))
+    print(f"  {report.events:,} events appended, head {report.head:,}")
+    if report.surprises:
+        print(f"  {report.surprises:,} outcomes differed from the generator's model (another writer?)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
