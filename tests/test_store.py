@@ -229,13 +229,11 @@ def test_store_matches_reference_model_of_decide_and_evolve(batches):
 @given(request_sequences())
 def test_rejected_command_changes_nothing(sequence):
     """Any rejected command, executed alone, leaves every table and the database files byte-for-byte unchanged."""
-    rejected = 0
     with fresh_store() as store:
         for request in sequence:
             before_dump, before_bytes = dump(store), file_bytes(store)
             outcome = one(store, request)
             if isinstance(outcome, Rejected):
-                rejected += 1
                 assert dump(store) == before_dump, outcome
                 assert file_bytes(store) == before_bytes, outcome
         check_log_invariants(store)
@@ -291,6 +289,55 @@ def test_repeated_command_ids_return_the_original_ack(data, sequence):
                     outcomes = store.execute_batch([r for r, _ in replays])
                     assert outcomes == [attrs.evolve(ack, duplicate=True) for _, ack in replays]
                 assert log_tables(store) == before
+            check_log_invariants(store)
+        finally:
+            store.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data(), request_sequences())
+def test_two_writers_on_one_file_keep_the_log_consistent(data, sequence):
+    """Two Store writers on one file, taking turns with random batches, produce the same log as a single writer."""
+    model = Model()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "orders.db")
+        writers = [Store.open(path, create=True, synchronous="OFF"), Store.open(path, synchronous="OFF")]
+        try:
+            for batch in data.draw(batch_splits(sequence)):
+                writer = writers[data.draw(st.integers(0, 1))]
+                got = [outcome_key(o) for o in writer.execute_batch(batch)]
+                assert got == [outcome_key(model.execute(r)) for r in batch]
+            for writer in writers:
+                assert all_events(writer) == model.events
+                check_log_invariants(writer)
+        finally:
+            for writer in writers:
+                writer.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data(), request_sequences())
+def test_projections_behind_the_log_are_caught_up_on_open(data, sequence):
+    """Projections left at an older meta.projection_seq (or emptied) are brought up to the log on the next open."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "orders.db")
+        store = Store.open(path, create=True, synchronous="OFF")
+        cut = data.draw(st.integers(0, len(sequence)))
+        store.execute_batch(sequence[:cut])
+        saved = log_tables(store)
+        store.execute_batch(sequence[cut:])
+        # Put the projections back to what they were at the cut, as if a crash had lost their updates.
+        conn = store.conn
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM orders")
+        conn.execute("DELETE FROM stock")
+        conn.executemany("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?)", saved["orders"])
+        conn.executemany("INSERT INTO stock VALUES (?,?,?,?,?,?)", saved["stock"])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'projection_seq'", saved["projection_seq"][0])
+        conn.execute("COMMIT")
+        store.close()
+        store = Store.open(path, synchronous="OFF")
+        try:
             check_log_invariants(store)
         finally:
             store.close()
@@ -535,6 +582,56 @@ def test_foreign_sqlite_database_is_refused(tmp_path):
     conn.close()
 
 
+def test_foreign_sqlite_database_is_left_untouched(tmp_path):
+    """Refusing a foreign SQLite database leaves its file byte-for-byte as it was (no switch to WAL mode)."""
+    path = str(tmp_path / "other.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE pets (name TEXT)")
+    conn.execute("INSERT INTO pets VALUES ('Rex')")
+    conn.commit()
+    conn.close()
+    with open(path, "rb") as f:
+        before = f.read()
+    with pytest.raises(StoreError):
+        Store.open(path)
+    with open(path, "rb") as f:
+        after = f.read()
+    conn = sqlite3.connect(path)
+    journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    assert journal_mode == "delete"
+    assert after == before
+
+
+FOREIGN_SCHEMA_MIGRATIONS = {
+    # Rails keeps its versions as text timestamps.
+    "rails": ("CREATE TABLE schema_migrations (version varchar NOT NULL PRIMARY KEY)",
+              "INSERT INTO schema_migrations VALUES ('20240101000000')"),
+    # golang-migrate keeps an integer version and a dirty flag.
+    "golang-migrate": ("CREATE TABLE schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL)",
+                       "INSERT INTO schema_migrations VALUES (1, 0)"),
+}
+
+
+@pytest.mark.parametrize("flavour", sorted(FOREIGN_SCHEMA_MIGRATIONS))
+@pytest.mark.parametrize("readonly", (False, True))
+def test_foreign_database_with_its_own_schema_migrations_table_is_refused(tmp_path, flavour, readonly):
+    """Another tool's database that happens to have a schema_migrations table raises StoreError, not a crash."""
+    path = str(tmp_path / "other.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    for sql in FOREIGN_SCHEMA_MIGRATIONS[flavour]:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError):
+        Store.open(path, readonly=readonly)
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    conn.close()
+    assert tables == {"users", "schema_migrations"}
+
+
 def test_non_sqlite_and_missing_files_are_refused(tmp_path):
     """A file that is not SQLite, a missing file without create, and a folder raise StoreError."""
     junk = tmp_path / "junk.db"
@@ -547,6 +644,8 @@ def test_non_sqlite_and_missing_files_are_refused(tmp_path):
     assert not (tmp_path / "missing.db").exists()
     with pytest.raises(StoreError):
         Store.open(str(tmp_path))
+    with pytest.raises(StoreError):
+        Store.open(str(tmp_path / "no-such-folder" / "orders.db"), create=True)
 
 
 def test_rejections_from_the_store_carry_the_domain_codes(tmp_path):
