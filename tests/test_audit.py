@@ -194,3 +194,24 @@ def test_compare_projections_names_the_first_differing_order_then_sku():
     assert compare_projections(State({}, state.stock), state) == "order o-1: in the log but missing from the projections"
     assert compare_projections(State(state.orders, {"kibble": attrs.evolve(stock, available=4)}), state) \
         == "sku kibble: projection has available=4, the log says 3"
+
+
+def test_stored_hashes_recompute_for_awkward_text(tmp_path):
+    """Events with non-ASCII, quotes, backslashes and control characters chain exactly as specified."""
+    from orderlog.audit import stored_events
+    from orderlog.domain import Command, Principal
+    from orderlog.store import Request, Store
+
+    store = Store.open(str(tmp_path / "awkward.db"), create=True)
+    staff, at = Principal("staff-ä", "staff"), "2026-11-25T17:03:00.123Z"
+    awkward = 'Zürich "Katzenklo" \\ \n\t\u2028 🐶 \x7f'
+    outcomes = store.execute_batch([
+        Request(staff, Command("add_stock", "c-1", None, None, {"sku": "kibble", "quantity": 9, "name": awkward}), at),
+        Request(staff, Command("place_order", "c-é", "o-1", None,
+                               {"items": [{"sku": "kibble", "quantity": 2}], "ship_to": awkward, "customer": "u-1"}), at),
+        Request(staff, Command("update_order", "c-3", "o-1", 1, {"note": "ñ" * 1000}), at),
+    ])
+    assert [type(o).__name__ for o in outcomes] == ["Ack", "Ack", "Ack"]
+    report = check_chain(stored_events(store.conn))
+    store.close()
+    assert report.problem is None and report.count == 4
