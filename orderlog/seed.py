@@ -22,6 +22,8 @@ run on the same log makes new orders and new command ids instead of colliding.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from typing import Any, Mapping
 
@@ -151,10 +153,10 @@ class SeedGenerator:
         self.commands = 0
         self.placed = 0
         self._skus = [sku for sku, _, _ in CATALOG]
-        self._popularity = [p for _, _, p in CATALOG]
+        self._popularity = list(itertools.accumulate(p for _, _, p in CATALOG))
         self._names = {sku: name for sku, name, _ in CATALOG}
         self._kinds = [k for k, _ in WEIGHTS]
-        self._weights = [w for _, w in WEIGHTS]
+        self._weights = list(itertools.accumulate(w for _, w in WEIGHTS))
         # A first delivery of everything that is short when the run starts.
         self._opening = [sku for sku in self._skus if self.available[sku] < OPENING_STOCK]
 
@@ -202,7 +204,7 @@ class SeedGenerator:
         if self._opening:
             sku = self._opening.pop(0)
             return self._add_stock(at, sku, self.rng.randint(150, 400))
-        kind = self.rng.choices(self._kinds, self._weights)[0]
+        kind = self._kinds[self._weighted(self._weights)]
         if kind == "place_order":
             return self._place_order(at)
         if kind == "add_stock":
@@ -218,6 +220,10 @@ class SeedGenerator:
         if kind == "update_order":
             return self._update_order(at)
         return self._cancel_order(at)
+
+    def _weighted(self, cumulative: list[float]) -> int:
+        """A seeded index drawn with the weights whose running sums are `cumulative`."""
+        return bisect.bisect(cumulative, self.rng.random() * cumulative[-1])
 
     def _request(self, at: str, user: str, role: str, name: str, order_id: str | None,
                  data: dict[str, Any], expect: str | None) -> Planned:
@@ -244,12 +250,12 @@ class SeedGenerator:
 
     def _place_order(self, at: str) -> Planned:
         self.placed += 1
-        order_id = f"{self.run}-o{self.placed}"
+        order_id = f"{self.run}-o{self.placed:07d}"  # zero-padded: new orders sort last, cheap to index
         customer = CUSTOMERS[self.rng.randrange(len(CUSTOMERS))]
         count = self.rng.choice((1, 1, 1, 2, 2, 3))
         skus: list[str] = []
         while len(skus) < count:
-            sku = self.rng.choices(self._skus, self._popularity)[0]
+            sku = self._skus[self._weighted(self._popularity)]
             if sku not in skus:
                 skus.append(sku)
         items = []

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import attrs
 
 from .domain import (
+    EVENT_TYPES,
     Command,
     Event,
     Order,
@@ -42,8 +43,13 @@ ZERO_HASH = bytes(32)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 BUSY_TIMEOUT_MS = 10_000  # how long a connection waits for another writer's lock
 SQL_IN_CHUNK = 500  # keys per "IN (...)" lookup, well under SQLite's variable limit
+WRITER_CACHE_KIB = 64 * 1024  # page cache of the writer: the five event indexes stay in memory
+# WAL pages between automatic checkpoints (SQLite's default is 1000): each checkpoint copies
+# the hot index pages back into the file, so doing it less often makes appends much cheaper.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 EVENT_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash"
+_PLAIN_TYPES = frozenset(t for t in EVENT_TYPES if t.replace("-", "").isalnum() and t.isascii())
 
 
 class StoreError(Exception):
@@ -83,9 +89,38 @@ def time_bound(text: str) -> str:
     return format_time(moment)
 
 
+# One encoder for every canonical text: json.dumps with these arguments would build a new
+# JSONEncoder per call, which is a measurable part of an append.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_encode_str = json.encoder.encode_basestring  # what _CANONICAL uses for a str (ensure_ascii=False)
+
+
 def dumps(value: Any) -> str:
     """The canonical JSON text: sorted keys, no spaces, UTF-8 as is."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
+
+
+# The same C encoder that `_CANONICAL.encode` builds per call, built once. It skips the check
+# for circular references, so it is only for values the domain validated (plain JSON types).
+_VALIDATED_ENCODER = (
+    json.encoder.c_make_encoder(None, _CANONICAL.default, _encode_str, None, ":", ",", True, False, True)
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
+def _dumps_validated(value: Any) -> str:
+    """`dumps` for event data and projections on the append path (no cycles possible there)."""
+    if _VALIDATED_ENCODER is None:
+        return dumps(value)
+    return "".join(_VALIDATED_ENCODER(value, 0))
+
+
+def _event_types_text(types: Sequence[str]) -> str:
+    """`dumps(list(types))` for the commands table; the known types need no escaping."""
+    if all(t in _PLAIN_TYPES for t in types):
+        return '["' + '","'.join(types) + '"]'
+    return dumps(list(types))
 
 
 def event_hash(prev_hash: bytes, event: Event) -> str:
@@ -101,6 +136,23 @@ def event_hash(prev_hash: bytes, event: Event) -> str:
         "data": event.data,
     }
     return hashlib.sha256(prev_hash + dumps(body).encode()).hexdigest()
+
+
+def _canonical_event(seq: int, stream: str, version: int, type_: str, at: str, actor: str, command_id: str,
+                     data_text: str) -> bytes | None:
+    """`canonical(event)` assembled from `dumps(data)` without a second encoding of the data.
+
+    Byte-identical to `dumps(body).encode()` in `event_hash` (keys in sorted order); returns
+    None when a field is not of the plain type this shortcut handles.
+    """
+    if not (type(seq) is int and type(version) is int and type(stream) is str and type(type_) is str
+            and type(at) is str and type(actor) is str and type(command_id) is str):
+        return None
+    return (
+        '{"actor":' + _encode_str(actor) + ',"at":' + _encode_str(at) + ',"command_id":' + _encode_str(command_id)
+        + ',"data":' + data_text + ',"seq":' + str(seq) + ',"stream":' + _encode_str(stream)
+        + ',"type":' + _encode_str(type_) + ',"version":' + str(version) + "}"
+    ).encode()
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -308,6 +360,8 @@ class Store:
                 if mode.lower() != "wal":
                     raise StoreError(f"{path}: cannot switch to WAL mode (got {mode})")
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
+                conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
             conn.execute("PRAGMA foreign_keys = ON")
             tables = _tables(conn)
             if readonly or not migrate_schema:
@@ -419,11 +473,12 @@ class Store:
         orders, stock = self._load_state(requests)
         state = State(orders, stock)
         seen: dict[tuple[str, str], Ack] = {}
+        stored, unusual = self._stored_acks(requests)
         rows = _BatchRows()
         outcomes: list[Outcome] = []
         for request in requests:
             key = (request.principal.user, request.command.command_id)
-            earlier = seen.get(key) or self._stored_ack(key)
+            earlier = seen.get(key) or (self._stored_ack(key) if key in unusual else stored.get(key))
             if earlier is not None:
                 outcomes.append(attrs.evolve(earlier, duplicate=True))
                 continue
@@ -433,8 +488,10 @@ class Store:
                 outcomes.append(rejection)
                 continue
             events: list[Event] = []
+            texts: list[str] = []
             touched_orders: dict[str, Order] = {}
             touched_stock: dict[str, Stock] = {}
+            at, actor, command_id = request.at, request.principal.user, request.command.command_id
             for new in new_events:
                 seq += 1
                 kind, _, key_ = new.stream.partition(":")
@@ -444,10 +501,17 @@ class Store:
                 else:
                     current = touched_stock.get(key_) or stock.get(key_)
                     version = (current.version if current else 0) + 1
-                event = Event(seq, new.stream, version, new.type, request.at, request.principal.user,
-                              request.command.command_id, new.data)
-                event = attrs.evolve(event, hash=event_hash(prev_hash, event))
-                prev_hash = bytes.fromhex(event.hash)
+                data_text = _dumps_validated(new.data)
+                canonical = _canonical_event(seq, new.stream, version, new.type, at, actor, command_id, data_text)
+                if canonical is not None:
+                    digest = hashlib.sha256(prev_hash + canonical).digest()
+                    event = Event(seq, new.stream, version, new.type, at, actor, command_id, new.data, digest.hex())
+                else:
+                    event = Event(seq, new.stream, version, new.type, at, actor, command_id, new.data)
+                    event = attrs.evolve(event, hash=event_hash(prev_hash, event))
+                    digest = bytes.fromhex(event.hash)
+                prev_hash = digest
+                texts.append(data_text)
                 if kind == "order":
                     touched_orders[key_] = evolve_order(current, event)  # type: ignore[arg-type]
                 else:
@@ -461,16 +525,44 @@ class Store:
             ack = Ack(seq, target_version, tuple(e.type for e in events))
             seen[key] = ack
             outcomes.append(ack)
-            for event in events:
+            for event, data_text in zip(events, texts):
                 order_id = order_of_event(event.stream, event.data)
                 owner = orders[order_id].customer if order_id in orders else None
                 rows.events.append((event.seq, event.stream, event.version, event.type, event.at, event.actor,
-                                    event.command_id, dumps(event.data), event.hash, order_id, owner))
-            rows.commands.append((key[0], key[1], ack.seq, ack.version, dumps(list(ack.events))))
+                                    event.command_id, data_text, event.hash, order_id, owner))
+            rows.commands.append((key[0], key[1], ack.seq, ack.version, _event_types_text(ack.events)))
             rows.orders.update(touched_orders)
             rows.stock.update(touched_stock)
             rows.last_seq = seq
         return outcomes, rows
+
+    def _stored_acks(self, requests: Sequence[Request]) -> tuple[dict[tuple[str, str], Ack], set]:
+        """The stored acks of the batch's (actor, command id) keys, in a few queries.
+
+        Returns (acks found, keys of a type this lookup does not bind, left to `_stored_ack`).
+        """
+        keys: dict[tuple[str, str], None] = {}
+        unusual: set = set()
+        for request in requests:
+            key = (request.principal.user, request.command.command_id)
+            if type(key[0]) is str and type(key[1]) is str:
+                keys[key] = None
+            else:
+                unusual.add(key)
+        found: dict[tuple[str, str], Ack] = {}
+        ordered = list(keys)
+        step = SQL_IN_CHUNK // 2  # two variables per key
+        for i in range(0, len(ordered), step):
+            chunk = ordered[i : i + step]
+            values = ",".join(["(?,?)"] * len(chunk))
+            params = [part for key in chunk for part in key]
+            for actor, command_id, seq, version, events in self.conn.execute(
+                f"SELECT c.actor, c.command_id, c.seq, c.version, c.events FROM (VALUES {values}) AS k "
+                "CROSS JOIN commands AS c ON c.actor = k.column1 AND c.command_id = k.column2",
+                params,
+            ):
+                found[(actor, command_id)] = Ack(seq, version, tuple(json.loads(events)))
+        return found, unusual
 
     def _stored_ack(self, key: tuple[str, str]) -> Ack | None:
         row = self.conn.execute(
@@ -621,14 +713,30 @@ def _row_to_stock(row: Sequence[Any]) -> Stock:
     return Stock(*row)
 
 
+def _upsert(table: str, columns: str) -> str:
+    """INSERT of a whole row that overwrites every column of an existing one with the same key.
+
+    The same outcome as INSERT OR REPLACE, without deleting and re-inserting the row and its
+    index entries (REPLACE does), which made projection writes a large part of an append.
+    """
+    names = [c.strip() for c in columns.split(",")]
+    marks = ",".join("?" * len(names))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in names[1:])
+    return f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT ({names[0]}) DO UPDATE SET {updates}"
+
+
+_ORDER_UPSERT = _upsert("orders", ORDER_COLUMNS)
+_STOCK_UPSERT = _upsert("stock", STOCK_COLUMNS)
+
+
 def _write_projections(conn: sqlite3.Connection, orders: Iterable[Order], stock: Iterable[Stock]) -> None:
     conn.executemany(
-        f"INSERT OR REPLACE INTO orders ({ORDER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        [(o.order_id, o.customer, o.status, dumps([list(i) for i in o.items]), o.ship_to, o.note, o.version,
+        _ORDER_UPSERT,
+        [(o.order_id, o.customer, o.status, _dumps_validated([list(i) for i in o.items]), o.ship_to, o.note, o.version,
           o.created_at, o.updated_at, o.last_seq) for o in orders],
     )
     conn.executemany(
-        f"INSERT OR REPLACE INTO stock ({STOCK_COLUMNS}) VALUES (?,?,?,?,?,?)",
+        _STOCK_UPSERT,
         [(s.sku, s.name, s.available, s.reserved, s.version, s.last_seq) for s in stock],
     )
 
