@@ -17,8 +17,9 @@ import os
 import re
 import secrets
 import sqlite3
+from collections.abc import Mapping  # not typing.Mapping: isinstance checks on it are several times slower
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 
@@ -522,7 +523,7 @@ class Store:
             target = stream_of(request.command)
             target_kind, _, target_key = target.partition(":")
             target_version = (orders if target_kind == "order" else stock)[target_key].version
-            ack = Ack(seq, target_version, tuple(e.type for e in events))
+            ack = Ack(seq, target_version, tuple([e.type for e in events]))
             seen[key] = ack
             outcomes.append(ack)
             for event, data_text in zip(events, texts):
