@@ -1,9 +1,398 @@
-"""The service's subcommands (serve, token, tail): registered into the main CLI parser."""
+"""The service's subcommands: `serve`, `token` and `tail`, registered into the main CLI.
+
+Settings come from flags, then `ORDERLOG_*` environment variables, then the defaults in
+`server.Settings`. Errors in them are one line and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import sys
+import time
+from functools import partial
+from typing import Any, Callable
+
+from . import auth
+from .auth import ALGORITHMS, Keys
+from .server import Settings
+from .store import StoreError
+
+DEFAULT_DB = "orderlog.db"
+SECRET_SUFFIX = ".secret"  # the generated HS256 secret lives next to the database
+MIN_SECRET_BYTES = 32
+BACKOFF_CAP = 30.0  # seconds, for `tail`'s reconnects
+
+
+class UsageError(Exception):
+    """A bad flag, environment value or key file: one line, exit 2."""
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get("ORDERLOG_" + name)
+    return value if value not in (None, "") else None
+
+
+def _pick(flag: Any, env: str, convert: Callable[[str], Any] = str, default: Any = None) -> Any:
+    """flag > ORDERLOG_<env> > default, converting the environment's text."""
+    if flag is not None:
+        return flag
+    text = _env(env)
+    if text is None:
+        return default
+    try:
+        return convert(text)
+    except ValueError as exc:
+        raise UsageError(f"ORDERLOG_{env}={text!r}: {exc}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _seq(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("a seq is a whole number >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A duration: 30, 30s, 15m, 1h, 2d."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 1h, 2d)")
+    value = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if value <= 0:
+        raise ValueError("a duration must be > 0")
+    return value
+
+
+def _arg(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type whose ValueError message reaches the user."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = convert.__name__.strip("_")
+    return parse
+
+
+def secret_path(db: str) -> str:
+    return db + SECRET_SUFFIX
+
+
+def load_or_create_secret(db: str, create: bool) -> tuple[str, bool]:
+    """The HS256 secret stored next to the database (mode 0600); created if `create`."""
+    path = secret_path(db)
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+        if os.stat(path).st_mode & 0o077:
+            logging.getLogger("orderlog").warning("event=secret.permissions path=%s advice='chmod 600'", path)
+        if len(secret) < MIN_SECRET_BYTES:
+            raise UsageError(f"{path}: the secret is shorter than {MIN_SECRET_BYTES} characters")
+        return secret, False
+    except FileNotFoundError:
+        if not create:
+            raise UsageError(
+                f"no JWT secret: {path} does not exist (start `orderlog serve --db {db}` once, or pass --jwt-secret)"
+            ) from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    secret = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first
+        return load_or_create_secret(db, create=False)
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secret + "\n")
+    return secret, True
+
+
+def _read_key(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}") from None
+
+
+def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool) -> tuple[Keys, str | None]:
+    """The token-checking keys from flags/environment; returns (keys, note for the user)."""
+    algorithm = _pick(args.jwt_algorithm, "JWT_ALGORITHM", str, "HS256").upper()
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"--jwt-algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    audience = _pick(args.jwt_audience, "JWT_AUDIENCE")
+    issuer = _pick(args.jwt_issuer, "JWT_ISSUER")
+    public_key_file = _pick(args.jwt_public_key, "JWT_PUBLIC_KEY")
+    secret = _pick(args.jwt_secret, "JWT_SECRET")
+    note = None
+    if algorithm == "HS256":
+        if public_key_file:
+            raise UsageError("--jwt-public-key goes with --jwt-algorithm RS256 or ES256, not HS256")
+        if secret is None:
+            secret, created = load_or_create_secret(db, create_secret)
+            note = f"{'created' if created else 'using'} the JWT secret in {secret_path(db)}"
+        elif len(secret.encode()) < MIN_SECRET_BYTES:
+            logging.getLogger("orderlog").warning(
+                "event=secret.short advice='use a secret of at least %d bytes'", MIN_SECRET_BYTES)
+        return Keys("HS256", secret, audience, issuer), note
+    if secret is not None:
+        raise UsageError(f"--jwt-secret goes with HS256; {algorithm} needs --jwt-public-key FILE")
+    if not public_key_file:
+        raise UsageError(f"{algorithm} needs --jwt-public-key FILE (a PEM public key)")
+    pem = _read_key(public_key_file, "--jwt-public-key")
+    try:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--jwt-public-key {public_key_file}: not a PEM public key ({exc})") from None
+    return Keys(algorithm, key, audience, issuer), None
+
+
+def settings_from(args: argparse.Namespace) -> tuple[Settings, str | None]:
+    defaults = Settings()
+    db = _pick(args.db, "DB", str, DEFAULT_DB)
+    keys, note = resolve_keys(args, db, create_secret=True)
+    origins = args.allow_origin or [o.strip() for o in (_env("ALLOW_ORIGIN") or "").split(",") if o.strip()]
+    tls_cert = _pick(args.tls_cert, "TLS_CERT")
+    tls_key = _pick(args.tls_key, "TLS_KEY")
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    for path in (tls_cert, tls_key):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{path}: no such file")
+    synchronous = _pick(args.synchronous, "SYNCHRONOUS", str, defaults.synchronous).upper()
+    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise UsageError("--synchronous must be OFF, NORMAL, FULL or EXTRA")
+    settings = Settings(
+        db=db,
+        host=_pick(args.host, "HOST", str, defaults.host),
+        port=_pick(args.port, "PORT", _port, defaults.port),
+        keys=keys,
+        allow_origins=tuple(origins),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_message_size=_pick(args.max_message_size, "MAX_MESSAGE_SIZE", _positive_int, defaults.max_message_size),
+        auth_timeout=_pick(args.auth_timeout, "AUTH_TIMEOUT", _seconds, defaults.auth_timeout),
+        ping_interval=_pick(args.ping_interval, "PING_INTERVAL", _seconds, defaults.ping_interval),
+        max_connections=_pick(args.max_connections, "MAX_CONNECTIONS", _positive_int, defaults.max_connections),
+        rate_limit=_pick(args.rate_limit, "RATE_LIMIT", _positive_float, defaults.rate_limit),
+        synchronous=synchronous,
+    )
+    return settings, note
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from .server import serve
+
+    settings, note = settings_from(args)
+    _setup_logging(args.log_level)
+    logger = logging.getLogger("orderlog")
+    if note:
+        logger.info("event=secret note=%r", note)
+    started: dict[str, str] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(partial(serve, settings))
+            started["url"] = url
+            if settings.keys.algorithm == "HS256" and args.jwt_secret is None and _env("JWT_SECRET") is None:
+                print(f"orderlog is serving {url}\n"
+                      f"  mint a token:  orderlog token --db {settings.db} --sub alice --role customer --ttl 1h\n"
+                      f"  then connect:  {url}?token=TOKEN", file=sys.stderr, flush=True)
+
+    try:
+        trio.run(main)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        if "url" not in started:
+            raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        raise
+    return 0
+
+
+def _setup_logging(level: str | None) -> None:
+    level = (level or _env("LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    # trio-websocket logs every frame at DEBUG and handshake noise at INFO; keep ours.
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+
+
+# -- token ---------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    db = _pick(args.db, "DB", str, DEFAULT_DB)
+    algorithm = _pick(args.jwt_algorithm, "JWT_ALGORITHM", str, "HS256").upper()
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"--jwt-algorithm must be one of {', '.join(ALGORITHMS)}")
+    if algorithm == "HS256":
+        key = _pick(args.jwt_secret, "JWT_SECRET")
+        if key is None:
+            key, _ = load_or_create_secret(db, create=False)
+    else:
+        if not args.jwt_private_key:
+            raise UsageError(f"{algorithm} tokens need --jwt-private-key FILE (a PEM private key)")
+        key = _read_key(args.jwt_private_key, "--jwt-private-key")
+    try:
+        token = auth.mint(args.sub, args.role, args.ttl, time.time(), key, algorithm,
+                          _pick(args.jwt_audience, "JWT_AUDIENCE"), _pick(args.jwt_issuer, "JWT_ISSUER"))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"cannot sign the token: {exc}") from None
+    print(token)
+    return 0
+
+
+# -- tail ----------------------------------------------------------------------------------
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    import trio
+
+    from .client import tail
+
+    token = args.token or _env("TOKEN")
+    if not token:
+        raise UsageError("tail needs --token (or ORDERLOG_TOKEN)")
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+
+    def note(line: str) -> None:
+        print(f"orderlog tail: {line}", file=sys.stderr, flush=True)
+
+    try:
+        return trio.run(partial(tail, args.url, token, args.channel, args.since, emit, note, args.count))
+    except BrokenPipeError:
+        return 0
+
+
+def _one_line_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn UsageError into `orderlog: error: ...` and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except UsageError as exc:
+            print(f"orderlog: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+# -- registration ------------------------------------------------------------------------------
+
+
+def _jwt_flags(parser: argparse.ArgumentParser, private: bool) -> None:
+    group = parser.add_argument_group("tokens")
+    group.add_argument("--jwt-secret", help="HS256 shared secret (env ORDERLOG_JWT_SECRET); default: the "
+                       "random secret kept next to the database in DB.secret, created on first start")
+    if private:
+        group.add_argument("--jwt-private-key", metavar="FILE", help="PEM private key to sign RS256/ES256 tokens")
+    else:
+        group.add_argument("--jwt-public-key", metavar="FILE", help="PEM public key for RS256/ES256 "
+                           "(env ORDERLOG_JWT_PUBLIC_KEY)")
+    group.add_argument("--jwt-algorithm", help="HS256 (default), RS256 or ES256; only this one is accepted "
+                       "(env ORDERLOG_JWT_ALGORITHM)")
+    group.add_argument("--jwt-audience", help="required `aud` claim (env ORDERLOG_JWT_AUDIENCE)")
+    group.add_argument("--jwt-issuer", help="required `iss` claim (env ORDERLOG_JWT_ISSUER)")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add the service subcommands to `orderlog`'s parser (filled in by the live-service work)."""
+    """Add the service subcommands to `orderlog`'s parser."""
+    serve = subparsers.add_parser(
+        "serve", help="run the WebSocket service",
+        description="Run the order service: WebSocket endpoint ws://HOST:PORT/v1/ws on one SQLite file. "
+        "Every flag can also be set as an ORDERLOG_* environment variable (flag wins). With no key "
+        "configured, a random HS256 secret is created next to the database (mode 0600) and reused.",
+    )
+    serve.add_argument("--db", help=f"database file, created if missing (env ORDERLOG_DB; default {DEFAULT_DB})")
+    serve.add_argument("--host", help="address to listen on (env ORDERLOG_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=_arg(_port), help="port, 0 for any free one (env ORDERLOG_PORT; default 8765)")
+    _jwt_flags(serve, private=False)
+    serve.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                       help="allowed browser Origin, repeatable (env ORDERLOG_ALLOW_ORIGIN, comma-separated); "
+                       "default: any. Handshakes without Origin are always allowed")
+    serve.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss:// (with --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--max-message-size", type=_arg(_positive_int), metavar="BYTES",
+                       help="larger frames close the connection with 1009 (default 65536)")
+    serve.add_argument("--auth-timeout", type=_arg(_seconds), metavar="DURATION",
+                       help="time allowed for the auth message when the handshake had no token (default 10s)")
+    serve.add_argument("--ping-interval", type=_arg(_seconds), metavar="DURATION",
+                       help="keep-alive ping period; unanswered pings close the connection (default 20s)")
+    serve.add_argument("--max-connections", type=_arg(_positive_int), metavar="N",
+                       help="handshakes beyond this get HTTP 503 (default 10000)")
+    serve.add_argument("--rate-limit", type=_arg(_positive_float), metavar="PER_SECOND",
+                       help="commands per second per connection before `rate_limited` (default 500)")
+    serve.add_argument("--synchronous", help="SQLite synchronous mode: FULL (default, durable on power loss), "
+                       "NORMAL, OFF")
+    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.set_defaults(func=_one_line_errors(cmd_serve))
+
+    token = subparsers.add_parser(
+        "token", help="mint a JWT for development",
+        description="Print a signed JWT for a user and role. By default it signs with the HS256 secret "
+        "that `orderlog serve` keeps next to the database.",
+    )
+    token.add_argument("--db", help=f"database whose secret to use (env ORDERLOG_DB; default {DEFAULT_DB})")
+    token.add_argument("--sub", required=True, help="the user id")
+    token.add_argument("--role", default="customer", choices=auth.ROLES, help="default customer")
+    token.add_argument("--ttl", type=_arg(_seconds), default=3600.0, metavar="DURATION",
+                       help="lifetime, e.g. 30m, 1h, 7d (default 1h)")
+    _jwt_flags(token, private=True)
+    token.set_defaults(func=_one_line_errors(cmd_token))
+
+    tail = subparsers.add_parser(
+        "tail", help="print a channel's events as JSON lines, resuming after disconnects",
+        description="Subscribe to a channel and print every event as one JSON line. On a disconnect it "
+        "reconnects with exponential backoff (capped at 30 s) and resumes after the last seq it printed.",
+    )
+    tail.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws", help="server URL (default %(default)s)")
+    tail.add_argument("--token", help="JWT (env ORDERLOG_TOKEN)")
+    tail.add_argument("--channel", default="orders", help="orders (default), inventory or order:<order_id>")
+    tail.add_argument("--since", type=_arg(_seq), metavar="SEQ",
+                      help="replay events after this seq first (default: live only)")
+    tail.add_argument("--count", type=_arg(_positive_int), metavar="N", help="exit after N events")
+    tail.set_defaults(func=_one_line_errors(cmd_tail))
+

@@ -241,6 +241,23 @@ def _applied(conn: sqlite3.Connection) -> int:
     return row[0] or 0
 
 
+def _check_orderlog(conn: sqlite3.Connection, path: str, require: bool) -> None:
+    """Raise StoreError unless the database is an orderlog (or, when not `require`, empty)."""
+    tables = _tables(conn)
+    if not tables and not require:
+        return
+    foreign = StoreError(f"{path}: a SQLite database, but not an orderlog")
+    if "schema_migrations" not in tables:
+        raise foreign
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(schema_migrations)")}
+    if columns != {"version", "name", "applied_at"}:
+        raise foreign
+    if conn.execute("SELECT count(*) FROM schema_migrations WHERE typeof(version) != 'integer'").fetchone()[0]:
+        raise foreign
+    if (_applied(conn) >= 1 or require) and not {"meta", "events"} <= tables:
+        raise foreign
+
+
 def migrate(conn: sqlite3.Connection, path: str) -> list[str]:
     """Apply the migrations this database lacks, each exactly once; return their names."""
     known = migrations()
@@ -356,6 +373,8 @@ class Store:
             else:
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Refuse someone else's database before changing anything in it (even its journal mode).
+            _check_orderlog(conn, path, require=readonly or not migrate_schema)
             if not readonly:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if mode.lower() != "wal":

@@ -1,0 +1,290 @@
+"""A trio client for orderlog that survives disconnects.
+
+    async with client.connect(url, token) as c:
+        ack = await c.command("place_order", order_id="o-1", data={"items": [{"sku": "kibble", "quantity": 1}]})
+        async for event in c.subscribe("orders", since=0):
+            print(event["seq"], event["type"])
+
+It reconnects on its own with exponential backoff and jitter (1 s doubling, capped at 30 s,
+reset after a connection that stayed up), resubscribes every channel after the last seq it
+delivered (with the log's id, so a different log is refused instead of replayed), and resends
+unacknowledged commands with the same command id, so the server applies each at most once.
+A caller never sees a gap, a duplicate event or a double-applied command across a reconnect.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
+
+log = logging.getLogger("orderlog.client")
+
+BACKOFF_START = 1.0
+BACKOFF_CAP = 30.0
+STABLE_AFTER = 10.0  # seconds connected before the backoff starts over
+SUB_ID = "sub-"  # subscribe requests carry id "sub-N" so that a refusal finds its subscription
+EVENT_BUFFER = 1000  # events buffered per subscription before the reader waits for the caller
+
+
+class OrderlogError(Exception):
+    """An `error` reply: `code` is the PROTOCOL.md error code."""
+
+    def __init__(self, code: str, message: str, details: dict | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class AuthenticationFailed(OrderlogError):
+    """The server closed with 4001; reconnecting with the same token cannot help."""
+
+
+class _Pending:
+    def __init__(self, frame: dict):
+        self.frame = frame
+        self.done = trio.Event()
+        self.reply: dict | None = None
+
+
+class _Subscription:
+    def __init__(self, channel: str, since: int | None, request_id: str):
+        self.channel = channel
+        self.request_id = request_id
+        self.last: int | None = since  # the last seq delivered to the caller
+        self.send, self.receive = trio.open_memory_channel[dict](EVENT_BUFFER)
+        self.error: OrderlogError | None = None
+
+
+class Client:
+    def __init__(self, url: str, token: str | Callable[[], str], *, backoff_start: float = BACKOFF_START,
+                 backoff_cap: float = BACKOFF_CAP, on_status: Callable[[str], None] | None = None):
+        self.url = url
+        self._token = token
+        self.backoff_start = backoff_start
+        self.backoff_cap = backoff_cap
+        self.on_status = on_status or (lambda text: log.info("%s", text))
+        self.welcome: dict | None = None
+        self.log_id: str | None = None
+        self._ws = None
+        self._connected = trio.Event()
+        self._pending: dict[str, _Pending] = {}
+        self._subs: dict[str, _Subscription] = {}
+        self._ids = itertools.count(1)
+        self.fatal: BaseException | None = None
+
+    # public API ---------------------------------------------------------------------------
+
+    async def command(self, name: str, order_id: str | None = None, data: dict | None = None,
+                      expected_version: int | None = None, command_id: str | None = None) -> dict:
+        """Send a command; return its `ack` (a dict) or raise OrderlogError with the code."""
+        frame: dict[str, Any] = {"type": "command", "id": command_id or uuid.uuid4().hex, "name": name}
+        if order_id is not None:
+            frame["order_id"] = order_id
+        if data is not None:
+            frame["data"] = data
+        if expected_version is not None:
+            frame["expected_version"] = expected_version
+        return await self.request(frame)
+
+    async def get_order(self, order_id: str) -> dict:
+        return (await self.request({"type": "get", "order_id": order_id}))["order"]
+
+    async def get_stock(self, sku: str) -> dict:
+        return (await self.request({"type": "get", "sku": sku}))["stock"]
+
+    async def query(self, filter: dict | None = None, limit: int = 100) -> dict:
+        return await self.request({"type": "query", "filter": filter or {}, "limit": limit})
+
+    async def request(self, frame: dict) -> dict:
+        """Send any request and wait for its reply; resent after a reconnect until answered."""
+        frame = dict(frame)
+        frame.setdefault("id", f"r{next(self._ids)}")
+        pending = _Pending(frame)
+        self._pending[frame["id"]] = pending
+        try:
+            await self._send_if_connected(frame)
+            await pending.done.wait()
+        finally:
+            self._pending.pop(frame["id"], None)
+        reply = pending.reply or {}
+        if reply.get("type") == "error":
+            raise OrderlogError(reply.get("code", "internal"), reply.get("message", ""), reply.get("details"))
+        return reply
+
+    async def subscribe(self, channel: str, since: int | None = None) -> AsyncIterator[dict]:
+        """The channel's events, in seq order without gap or duplicate, across reconnects."""
+        if channel in self._subs:
+            raise ValueError(f"already subscribed to {channel}")
+        sub = _Subscription(channel, since, f"{SUB_ID}{next(self._ids)}")
+        self._subs[channel] = sub
+        try:
+            await self._send_if_connected(self._subscribe_frame(sub))
+            async with sub.receive:
+                async for event in sub.receive:
+                    yield event
+            if sub.error is not None:
+                raise sub.error
+        finally:
+            self._subs.pop(channel, None)
+            if self._ws is not None:
+                with trio.move_on_after(1):
+                    try:
+                        await self._ws.send_message(json.dumps({"type": "unsubscribe", "channel": channel}))
+                    except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+    # the connection loop ------------------------------------------------------------------
+
+    def _subscribe_frame(self, sub: _Subscription) -> dict:
+        frame: dict[str, Any] = {"type": "subscribe", "id": sub.request_id, "channel": sub.channel}
+        if sub.last is not None:
+            frame["since"] = sub.last
+            if self.log_id is not None:
+                frame["log_id"] = self.log_id
+        return frame
+
+    async def _send_if_connected(self, frame: dict) -> None:
+        ws = self._ws
+        if ws is None:
+            return  # sent on (re)connect
+        try:
+            await ws.send_message(json.dumps(frame))
+        except ConnectionClosed:
+            pass  # the connection loop resends it
+
+    def _token_now(self) -> str:
+        return self._token() if callable(self._token) else self._token
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection up until cancelled (or the token is refused)."""
+        attempt = 0
+        started = False
+        while True:
+            connected_at = None
+            try:
+                async with open_websocket_url(self.url, extra_headers=[(b"authorization", f"Bearer {self._token_now()}".encode())]) as ws:
+                    welcome = json.loads(await ws.get_message())
+                    if welcome.get("type") != "welcome":
+                        raise OrderlogError("internal", f"expected welcome, got {welcome.get('type')!r}")
+                    if self.log_id is not None and welcome.get("log_id") != self.log_id:
+                        self.on_status(f"the server's log changed (log_id {welcome.get('log_id')}); resubscribing "
+                                       "will be refused with resync_required")
+                    self.welcome = welcome
+                    self._ws = ws
+                    connected_at = trio.current_time()
+                    self.on_status(f"connected to {self.url} (head {welcome.get('head')})")
+                    for sub in list(self._subs.values()):
+                        await ws.send_message(json.dumps(self._subscribe_frame(sub)))
+                    for pending in list(self._pending.values()):
+                        await ws.send_message(json.dumps(pending.frame))
+                    if self.log_id is None:
+                        self.log_id = welcome.get("log_id")
+                    if not started:
+                        started = True
+                        task_status.started(self)
+                    await self._read(ws)
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                if reason is not None and reason.code == 4001:
+                    self.fatal = AuthenticationFailed("unauthorized", reason.reason or "authentication failed")
+                    self._fail_all(self.fatal)
+                    raise self.fatal from None
+                self.on_status(f"disconnected ({reason.code if reason else 'no close frame'})")
+            except (OSError, HandshakeError, ConnectionRejected, trio.BrokenResourceError) as exc:
+                self.on_status(f"cannot connect: {exc}")
+            finally:
+                self._ws = None
+            if connected_at is not None and trio.current_time() - connected_at >= STABLE_AFTER:
+                attempt = 0
+            delay = min(self.backoff_cap, self.backoff_start * 2 ** attempt)
+            delay = random.uniform(delay / 2, delay)
+            attempt = min(attempt + 1, 30)
+            self.on_status(f"reconnecting in {delay:.1f} s")
+            await trio.sleep(delay)
+
+    def _fail_all(self, error: OrderlogError) -> None:
+        for pending in list(self._pending.values()):
+            pending.reply = {"type": "error", "code": error.code, "message": error.message}
+            pending.done.set()
+        for sub in self._subs.values():
+            sub.error = error
+            sub.send.close()
+
+    async def _read(self, ws) -> None:
+        while True:
+            message = json.loads(await ws.get_message())
+            kind = message.get("type")
+            channel = message.get("channel")
+            if "seq" in message and "prev" in message and channel is not None:
+                await self._deliver(ws, message)
+                continue
+            request_id = message.get("id")
+            if isinstance(request_id, str) and request_id.startswith(SUB_ID):
+                sub = next((s for s in self._subs.values() if s.request_id == request_id), None)
+                if kind == "error" and sub is not None:
+                    # A (re)subscribe refused, e.g. resync_required: the caller must start over.
+                    sub.error = OrderlogError(message["code"], message.get("message", ""), message.get("details"))
+                    sub.send.close()
+                continue
+            pending = self._pending.get(request_id) if request_id is not None else None
+            if pending is not None:
+                pending.reply = message
+                pending.done.set()
+            elif kind == "error":
+                log.warning("server error: %s %s", message.get("code"), message.get("message"))
+
+    async def _deliver(self, ws, event: dict) -> None:
+        sub = self._subs.get(event["channel"])
+        if sub is None:
+            return
+        seq, prev = event["seq"], event["prev"]
+        if sub.last is not None and seq <= sub.last:
+            return  # already delivered before a reconnect
+        if sub.last is not None and prev != sub.last:
+            # A hole that may hide an event meant for us: resume from what we hold.
+            await ws.send_message(json.dumps(self._subscribe_frame(sub)))
+            return
+        sub.last = seq
+        try:
+            await sub.send.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._subs.pop(sub.channel, None)
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | Callable[[], str], **options: Any) -> AsyncIterator[Client]:
+    """A connected Client for the duration of the block (it reconnects on its own)."""
+    async with trio.open_nursery() as nursery:
+        client = Client(url, token, **options)
+        await nursery.start(client.run)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def tail(url: str, token: str, channel: str, since: int | None, emit: Callable[[str], None],
+               note: Callable[[str], None], count: int | None = None) -> int:
+    """`orderlog tail`: print the channel's events as JSON lines; 0 when done, 1 on a refusal."""
+    printed = 0
+    try:
+        async with connect(url, token, on_status=note) as client:
+            async for event in client.subscribe(channel, since):
+                emit(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+                printed += 1
+                if count is not None and printed >= count:
+                    return 0
+    except OrderlogError as exc:
+        note(f"error: {exc}")
+        return 1
+    return 0
