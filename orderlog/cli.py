@@ -24,7 +24,7 @@ import attrs
 from . import __version__, audit
 from .domain import EVENT_TYPES, Event, Rejected
 from .progress import Progress
-from .seed import SeedGenerator
+from .seed import CATALOG, SeedGenerator
 from .store import Filter, Store, StoreError, dumps, event_json, format_time, migrations, time_bound
 
 DEFAULT_DB = "orderlog.db"
@@ -221,6 +221,7 @@ def db_path(args: argparse.Namespace) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """`orderlog migrate`: create the file if missing, apply migrations, print what was applied."""
     path = db_path(args)
     existed = os.path.exists(path)
     before = _schema_version(path) if existed else 0
@@ -354,6 +355,7 @@ def _table_line(cells: Sequence[str], widths: Sequence[int], numeric: set[int]) 
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    """`orderlog events`: stream the matching events to stdout in the chosen format."""
     filt = event_filter(args)
     store = Store.open(db_path(args), readonly=True)
     try:
@@ -368,6 +370,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`orderlog verify`: exit 0 with a summary if the log and projections hold, else 1 and the problem."""
     path = db_path(args)
     store = Store.open(path, readonly=True)
     chain_bar, fold_bar = Progress("verify: hash chain "), Progress("verify: projections")
@@ -393,6 +396,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    """`orderlog rebuild`: recompute the projections from the log."""
     path = db_path(args)
     store = Store.open(path)
     bar = Progress("rebuild")
@@ -413,6 +417,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """`orderlog stats`: print the summary of `audit.stats`, as text or JSON."""
     store = Store.open(db_path(args), readonly=True)
     try:
         info = audit.stats(store)
@@ -505,8 +510,7 @@ def run_seed(store: Store, commands: int, seed: int, batch: int,
 
 
 def _available(store: Store) -> dict[str, int]:
-    from .seed import CATALOG
-
+    """The available stock of the seed catalog's skus, as stored."""
     found = {}
     for sku, _, _ in CATALOG:
         stock = store.get_stock(sku)
@@ -516,6 +520,7 @@ def _available(store: Store) -> dict[str, int]:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    """`orderlog seed`: append a generated history and report its rate and outcomes."""
     path = db_path(args)
     store = Store.open(path, create=True, synchronous=args.synchronous)
     bar = Progress("seed")
