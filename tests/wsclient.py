@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from orderlog.auth import Keys, mint
 from orderlog.server import Settings, serve
@@ -263,3 +263,30 @@ async def stock_up(client: Client, skus: dict[str, int]) -> None:
     """add_stock for each sku (client must be staff)."""
     for sku, quantity in skus.items():
         await client.ok("add_stock", data={"sku": sku, "quantity": quantity})
+
+
+@asynccontextmanager
+async def raw_connection(url: str, tok: str, *, rcvbuf: int | None = None,
+                         queue: int = 1024) -> AsyncIterator[tuple[WebSocketConnection, trio.SocketStream]]:
+    """A WebSocket over a TCP stream we hold, so a test can drop the TCP connection abruptly
+    (`await stream.aclose()`, no close frame) or shrink the receive buffer (`rcvbuf`)."""
+    parts = urlsplit(url)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+    stream = trio.SocketStream(sock)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await sock.connect((parts.hostname, parts.port))
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                ws = await wrap_client_stream(nursery, stream, f"{parts.hostname}:{parts.port}",
+                                              f"{parts.path}?token={quote(tok, safe='')}",
+                                              message_queue_size=queue, max_message_size=16 * 2**20)
+            try:
+                yield ws, stream
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
