@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sqlite3
@@ -354,10 +355,21 @@ def _table_line(cells: Sequence[str], widths: Sequence[int], numeric: set[int]) 
     return "  ".join(parts + [cells[-1]])
 
 
+def _utf8_stdout(fmt: str) -> None:
+    """JSONL and CSV are UTF-8 whatever the locale says; a table is for this terminal's encoding."""
+    if not isinstance(sys.stdout, io.TextIOWrapper):
+        return
+    if fmt == "table":
+        sys.stdout.reconfigure(errors="replace")
+    elif sys.stdout.encoding.lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """`orderlog events`: stream the matching events to stdout in the chosen format."""
     filt = event_filter(args)
     store = Store.open(db_path(args), readonly=True)
+    _utf8_stdout(args.format)
     try:
         write_events(iter_export(store, filt, args.limit), args.format, sys.stdout)
         sys.stdout.flush()

@@ -325,3 +325,22 @@ def test_bad_flags_are_a_one_line_usage_error(cli, seeded_db, flags, fragment):
 def test_a_malformed_time_is_a_one_line_error(cli, seeded_db, flag, value):
     """A time that is not RFC 3339 with an offset: one line naming the flag, exit 2."""
     assert_one_line_error(cli("events", "--db", seeded_db, flag, value), flag)
+
+
+def test_exports_are_utf8_whatever_the_locale(cli, db_path):
+    """Non-ASCII text is exported as UTF-8 as is, even when Python's stdout encoding is ASCII."""
+    from orderlog.domain import Command, Principal
+    from orderlog.store import Request, Store
+
+    store = Store.open(str(db_path), create=True)
+    store.execute_batch([Request(Principal("staff-1", "staff"),
+                                 Command("add_stock", "c-1", None, None, {"sku": "kibble", "quantity": 3, "name": "Müsli 🐹"}),
+                                 "2026-11-25T17:03:00.123Z")])
+    store.close()
+    for fmt in ("jsonl", "csv"):
+        done = subprocess.run([sys.executable, "-m", "orderlog.cli", "events", "--db", str(db_path), "--format", fmt],
+                              env=cli_env(PYTHONIOENCODING="ascii"), capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "Müsli 🐹" in done.stdout.decode("utf-8")
+    table = cli("events", "--db", db_path, "--format", "table", env=cli_env(PYTHONIOENCODING="ascii"))
+    assert table.returncode == 0 and "Traceback" not in table.stderr
