@@ -29,12 +29,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
-from . import auth, protocol
+from . import auth, http, protocol
 from .auth import AUTH_CLOSE_CODE, AuthError, Keys
 from .domain import Principal, Rejected, authorize, can_see_order, validate
 from .feed import Channel, FeedEvent, Window, read_feed
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics, channel_kind
 from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
 
 log = logging.getLogger("orderlog")
@@ -50,6 +52,7 @@ MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
 READERS = 2  # read-only SQLite connections for catch-up, get and query
 EXTERNAL_POLL = 1.0  # seconds between looks for events written by another process
 CLOSE_TIMEOUT = 2.0
+RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn  # seconds to wait for a client's close handshake
 
 
@@ -151,6 +154,29 @@ class Service:
         self.writer_alive = False
         self.stopping = False
         self._behind = False  # the last publish stopped at PUBLISH_LIMIT: read on at once
+        self.write_error: str | None = None  # why the last commit failed, until one succeeds
+        self.metrics = Metrics(head=lambda: self.hub.head, lag=self.max_lag)
+        self.routes = {"/healthz": self._healthz, "/metrics": self._metrics}
+
+    def max_lag(self) -> int:
+        head = self.hub.head
+        return max((head - sub.cursor for c in self.connections for sub in c.subs.values()), default=0)
+
+    def health(self) -> tuple[bool, dict]:
+        ok = self.writer_alive and not self.stopping and self.write_error is None
+        body = {"status": "ok" if ok else "unavailable", "head": self.hub.head, "log_id": self.log_id,
+                "writer": "alive" if self.writer_alive else "stopped", "writable": self.write_error is None,
+                "connections": len(self.connections)}
+        if self.write_error is not None:
+            body["error"] = self.write_error
+        return ok, body
+
+    async def _healthz(self, head: http.Head) -> bytes:
+        ok, body = self.health()
+        return http.response(200 if ok else 503, (protocol.encode(body) + "\n").encode(), "application/json")
+
+    async def _metrics(self, head: http.Head) -> bytes:
+        return http.response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     # writer ---------------------------------------------------------------------------
 
@@ -189,25 +215,67 @@ class Service:
 
     async def _run_batch(self, batch: list[Pending]) -> None:
         requests = [p.request for p in batch]
+        started = time.perf_counter()
         try:
             outcomes, events = await trio.to_thread.run_sync(self._commit, requests, self.hub.head)
+            if requests:
+                self.write_error = None
         except Unavailable as exc:
-            log.error("event=commit.failed commands=%d reason=%s", len(batch), exc)
+            log.error("event=commit.failed commands=%d reason=%r", len(batch), str(exc))
+            self.write_error = str(exc)
             outcomes = [Rejected("unavailable", f"the log cannot be written right now ({exc}); retry later")] * len(batch)
             events = []
         except Exception:
             log.exception("event=commit.crashed commands=%d", len(batch))
             outcomes = [Rejected("internal", "internal error; the command was not applied")] * len(batch)
             events = []
+        if requests:
+            self.metrics.batch_size.observe(len(requests))
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._behind = len(events) >= PUBLISH_LIMIT
         self.hub.publish(events)
+        appended = 0
         for pending, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Ack) and not outcome.duplicate:
+                appended += len(outcome.events)
+            self.metrics.command(pending.request.command.name, _outcome_label(outcome))
             pending.connection.command_done(pending.request.command.command_id, outcome)
+        self.metrics.events.inc(appended)
 
     # connections ----------------------------------------------------------------------
 
+    async def handle_tcp(self, stream: trio.SocketStream) -> None:
+        """One TCP connection: read the request head, then WebSocket or plain HTTP."""
+        settings = self.settings
+        try:
+            with trio.move_on_after(settings.handshake_timeout):
+                try:
+                    head = await http.read_head(stream)
+                except http.BadHead as exc:
+                    await stream.send_all(http.response(exc.status, f"{exc}\n".encode()))
+                    head = None
+                if head is not None and not head.is_websocket:
+                    await stream.send_all(await http.answer_http(head, self.routes, WS_PATH))
+                    head = None
+            if head is None:
+                return
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(settings.handshake_timeout) as scope:
+                    request = await wrap_server_stream(nursery, http.PrefixedStream(stream, head.raw),
+                                                       max_message_size=settings.max_message_size,
+                                                       receive_buffer_size=RECEIVE_BUFFER)
+                if not scope.cancelled_caught:
+                    await self.handle(request)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+            pass
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+
     async def handle(self, request: WebSocketRequest) -> None:
-        """trio-websocket's handler: check the handshake, then run the connection."""
+        """A WebSocket handshake: check path, origin and capacity, then run the connection."""
         target = urlsplit(request.path)
         if target.path != WS_PATH:
             await request.reject(404, body=b"not found: the WebSocket endpoint is /v1/ws\n")
@@ -225,11 +293,19 @@ class Service:
         ws = await request.accept()
         connection = Connection(self, ws, next(self._ids), token)
         self.connections.add(connection)
+        self.metrics.connections.inc()
         try:
             await connection.run()
         finally:
             self.connections.discard(connection)
             self.hub.waiting.discard(connection)
+            self.metrics.connections.dec()
+            for channel in connection.subs:
+                self.metrics.subscriptions.labels(channel_kind(channel)).dec()
+            connection.subs.clear()
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await ws.aclose()
 
     async def close_all(self, code: int, reason: str) -> None:
         async with trio.open_nursery() as nursery:
@@ -242,6 +318,12 @@ class Service:
             self.store.checkpoint()
         finally:
             self.store.close()
+
+
+def _outcome_label(outcome: Ack | Rejected) -> str:
+    if isinstance(outcome, Ack):
+        return "duplicate" if outcome.duplicate else "ack"
+    return outcome.code
 
 
 def _handshake_token(query: str, authorization: str | None) -> str | None:
@@ -445,11 +527,13 @@ class Connection:
         service = self.service
         if isinstance(request, protocol.CommandRequest):
             if not self._take_token():
+                service.metrics.command(request.command.name, "rate_limited")
                 raise protocol.ClientError("rate_limited", "too many commands; slow down and retry", request.id)
             try:
                 validate(request.command)
                 authorize(request.command, principal)
             except Rejected as exc:
+                service.metrics.command(request.command.name, exc.code)
                 raise protocol.ClientError(exc.code, exc.message, request.id, exc.details) from None
             self.inflight += 1
             at = format_time(datetime.now(timezone.utc))
@@ -457,7 +541,8 @@ class Connection:
         elif isinstance(request, protocol.Subscribe):
             await self._subscribe(request, principal)
         elif isinstance(request, protocol.Unsubscribe):
-            self.subs.pop(request.channel, None)
+            if self.subs.pop(request.channel, None) is not None:
+                service.metrics.subscriptions.labels(channel_kind(request.channel)).dec()
             self.push(protocol.reply("unsubscribed", request.id, channel=request.channel))
         elif isinstance(request, protocol.Get):
             await self._get(request, principal)
@@ -497,6 +582,8 @@ class Connection:
             raise protocol.ClientError("rate_limited", f"at most {service.settings.max_subscriptions} subscriptions "
                                        "per connection", request.id)
         since = head if request.since is None else request.since
+        if request.channel not in self.subs:
+            service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
         self.subs[request.channel] = Subscription(Channel(request.channel, principal), since, since, head)
         self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=since, head=head))
 
@@ -598,7 +685,7 @@ async def serve(settings: Settings, *, stop: trio.Event | None = None, handle_si
     finish what it was handed, checkpoint the WAL and return."""
     service = Service(settings)
     try:
-        await _serve(service, stop or trio.Event(), handle_signals, task_status)
+        await _serve(service, stop if stop is not None else trio.Event(), handle_signals, task_status)
     finally:
         service.close()
 
@@ -614,20 +701,17 @@ async def _serve(service: Service, stop: trio.Event, handle_signals: bool, task_
             listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
             if context is not None:
                 listeners = [trio.SSLListener(l, context, https_compatible=True) for l in listeners]
-            server = WebSocketServer(
-                service.handle, listeners, handler_nursery=connections,
-                max_message_size=settings.max_message_size, connect_timeout=settings.handshake_timeout,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            )
             listen_scope = trio.CancelScope()
 
             async def run_listener(task_status=trio.TASK_STATUS_IGNORED):
                 with listen_scope:
-                    await server.run(task_status=task_status)
+                    await trio.serve_listeners(service.handle_tcp, listeners, handler_nursery=connections,
+                                               task_status=task_status)
 
             await connections.start(run_listener)
+            port = listeners[0].socket.getsockname()[1] if context is None else listeners[0].transport_listener.socket.getsockname()[1]
             scheme = "wss" if context is not None else "ws"
-            url = f"{scheme}://{_url_host(settings.host)}:{server.port}{WS_PATH}"
+            url = f"{scheme}://{_url_host(settings.host)}:{port}{WS_PATH}"
             log.info("event=listening url=%s log_id=%s head=%d db=%s", url, service.log_id, service.hub.head,
                      settings.db)
             task_status.started(url)

@@ -1,0 +1,145 @@
+"""One port for everything: WebSocket upgrades go to trio-websocket, plain HTTP is served here.
+
+Each TCP connection's request head is read with h11 (bounded in size and time, so slow or
+oversized handshakes are dropped). A WebSocket upgrade is handed to trio-websocket together
+with the bytes already read (`PrefixedStream`); anything else gets a small HTTP/1.1 answer:
+`/healthz`, `/metrics`, the dashboard and the browser client, or 404 / 405 / 426.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import Awaitable, Callable
+
+import attrs
+import h11
+import trio
+
+MAX_HEAD_BYTES = 16 * 1024  # a request head larger than this gets 431
+RECEIVE_CHUNK = 16 * 1024
+
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+# Public paths of the files in orderlog/static/.
+STATIC_ROUTES = {"/": "dashboard.html", "/dashboard": "dashboard.html", "/orderlog.js": "orderlog.js",
+                 "/dashboard.js": "dashboard.js", "/dashboard.css": "dashboard.css"}
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream that first returns `prefix`, then whatever `stream` receives."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, prefix: bytes):
+        self.stream = stream
+        self._prefix = prefix
+
+    @property
+    def socket(self):  # what trio-websocket uses to name the endpoints
+        return self.stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@attrs.frozen
+class Head:
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    raw: bytes  # every byte read so far (the head and anything after it)
+
+    @property
+    def is_websocket(self) -> bool:
+        return "websocket" in self.headers.get("upgrade", "").lower()
+
+
+class BadHead(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_head(stream: trio.abc.Stream) -> Head | None:
+    """Read one HTTP request head; None if the peer went away before sending one."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    raw = b""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BadHead(exc.error_status_hint, "malformed HTTP request") from None
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                return None
+            raw += data
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            headers: dict[str, str] = {}
+            for name, value in event.headers:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            return Head(event.method.decode("latin-1"), event.target.decode("latin-1"), headers, raw)
+        raise BadHead(400, "expected an HTTP request")
+
+
+def response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+             extra: list[tuple[str, str]] | None = None) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
+              431: "Request Header Fields Too Large", 503: "Service Unavailable"}.get(status, "Error")
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
+             "Connection: close", "Cache-Control: no-store", "X-Content-Type-Options: nosniff"]
+    lines += [f"{k}: {v}" for k, v in extra or []]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def static_file(name: str) -> bytes | None:
+    try:
+        return importlib.resources.files("orderlog.static").joinpath(name).read_bytes()
+    except (FileNotFoundError, ModuleNotFoundError, IsADirectoryError):
+        return None
+
+
+Route = Callable[[Head], Awaitable[bytes]]
+
+
+async def answer_http(head: Head, routes: dict[str, Route], ws_path: str) -> bytes:
+    """The whole response for a plain HTTP request."""
+    path = head.target.split("?", 1)[0]
+    if path == ws_path:
+        return response(426, b"this is the WebSocket endpoint: connect with a WebSocket client\n",
+                        extra=[("Upgrade", "websocket")])
+    if head.method not in ("GET", "HEAD"):
+        return response(405, b"only GET\n", extra=[("Allow", "GET")])
+    if path in routes:
+        return await routes[path](head)
+    name = STATIC_ROUTES.get(path)
+    if name is not None:
+        body = static_file(name)
+        if body is not None:
+            suffix = name[name.rfind("."):]
+            return response(200, body, STATIC_TYPES.get(suffix, "application/octet-stream"))
+    return response(404, b"not found\n")
