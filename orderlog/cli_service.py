@@ -396,3 +396,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     tail.add_argument("--count", type=_arg(_positive_int), metavar="N", help="exit after N events")
     tail.set_defaults(func=_one_line_errors(cmd_tail))
 
+    from . import bench
+
+    bench.register(subparsers)
+
