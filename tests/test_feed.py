@@ -671,3 +671,23 @@ async def test_stalled_subscriber_slows_nobody_and_catches_up(tmp_path):
                 log = await query_all(prober, stream="order:big")
                 assert [f["seq"] for f in got] == [e["seq"] for e in log]
                 assert got[-1] == {**log[-1], "channel": "orders", "prev": got[-2]["seq"]}
+
+
+async def test_refresh_to_a_customer_token_narrows_open_subscriptions(server):
+    """After an in-band refresh that makes the user a customer, its open `orders` feed carries only its own orders."""
+    url, _, _ = server
+    await small_history(url)
+    async with session(url, "u1", "staff") as user, session(url, "bob") as bob:
+        await user.subscribe("orders")
+        await user.live("orders")
+        welcome = await user.request({"type": "auth", "token": token("u1", "customer")})
+        assert (welcome["type"], welcome["role"]) == ("welcome", "customer")
+        # The connection is now a customer's: another customer's new order must not reach it.
+        await bob.ok("place_order", "bob-after-refresh", {"items": [{"sku": "toy", "quantity": 1}]})
+        own = await user.ok("place_order", "u1-own", {"items": [{"sku": "toy", "quantity": 1}]})
+        [event] = await user.events("orders", 1)
+        await user.ping()
+        await assert_quiet(user.ws, 0.2)
+        leaked = [f for f in [event, *user.inbox] if f.get("stream") == "order:bob-after-refresh"]
+        assert not leaked, f"a customer's feed carried another customer's order: {leaked}"
+        assert (event["stream"], event["seq"]) == ("order:u1-own", own["seq"] - 1)

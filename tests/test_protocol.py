@@ -554,6 +554,90 @@ async def test_flooding_commands_is_rate_limited(tmp_path):
             assert (await staff.command("add_stock", data={"sku": "s", "quantity": 1}))["type"] == "ack"
 
 
+async def test_same_command_id_pipelined_twice_is_applied_once(server):
+    """The same command id sent twice back to back (likely one group commit) is applied once; the second is a duplicate."""
+    url, _, _ = server
+    async with session(url, "staff-1", "staff") as staff:
+        for _ in range(2):
+            await staff.send({"type": "command", "id": "twice", "name": "add_stock", "data": {"sku": "s", "quantity": 1}})
+        first, second = await staff.reply_to("twice"), await staff.reply_to("twice")
+        assert sorted([first["duplicate"], second["duplicate"]]) == [False, True], (first, second)
+        assert {k: v for k, v in first.items() if k != "duplicate"} == {k: v for k, v in second.items() if k != "duplicate"}
+        assert (await staff.ping())["head"] == 1
+        stock = (await staff.request({"type": "get", "sku": "s"}))["stock"]
+        assert stock["available"] == 1
+
+
+async def test_concurrent_place_order_of_one_id_acks_exactly_once(server):
+    """Two customers placing the same order id at once: one ack, one `conflict`."""
+    url, _, _ = server
+    async with session(url, "staff-1", "staff") as staff, session(url, "alice") as alice, \
+            session(url, "bob") as bob:
+        await stock_up(staff, {"kibble": 100})
+        for round_ in range(5):
+            replies = {}
+
+            async def place(client: Client, name: str) -> None:
+                replies[name] = await client.command("place_order", f"race-{round_}",
+                                                     {"items": [{"sku": "kibble", "quantity": 1}]})
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(place, alice, "alice")
+                nursery.start_soon(place, bob, "bob")
+            kinds = sorted(r["type"] if r["type"] == "ack" else r["code"] for r in replies.values())
+            assert kinds == ["ack", "conflict"], replies
+
+
+# -- strings that are not Unicode text -----------------------------------------------------------
+# JSON can spell a lone UTF-16 surrogate ("\ud800"), which no UTF-8 frame can carry back. Such a
+# request is malformed: it must get `bad_request` (or at least a reply), never a crash.
+
+
+async def assert_server_alive(url: str) -> None:
+    async with session(url, "someone-else") as other:
+        await other.ping()
+
+
+async def test_lone_surrogate_in_request_id_does_not_break_the_server(server):
+    """A request id holding a lone surrogate gets a reply (bad_request), the connection stays open, the server runs on."""
+    url, _, _ = server
+    async with session(url, "alice") as client:
+        with trio.fail_after(TIMEOUT):
+            await client.ws.send_message('{"type":"ping","id":"\\ud800"}')
+        reply = await client.recv()
+        assert reply["type"] == "pong" or (reply["type"], reply["code"]) == ("error", "bad_request"), reply
+        await client.ping()
+    await assert_server_alive(url)
+
+
+@pytest.mark.parametrize("filt", ['{"actor":"\\ud800"}', '{"stream":"order:\\udfff"}', '{"types":["\\ud800"]}',
+                                  '{"order_id":"\\ud83d"}'])
+async def test_lone_surrogate_in_query_filter_is_bad_request(server, filt):
+    """A query filter string holding a lone surrogate is `bad_request`; the server runs on."""
+    url, _, _ = server
+    async with session(url, "audit-1", "auditor") as client:
+        with trio.fail_after(TIMEOUT):
+            await client.ws.send_message('{"type":"query","id":"q","filter":%s}' % filt)
+        reply = await client.recv()
+        assert (reply["type"], reply.get("code"), reply.get("id")) == ("error", "bad_request", "q"), reply
+        await client.ping()
+    await assert_server_alive(url)
+
+
+async def test_lone_surrogate_in_command_data_is_bad_request_and_spares_other_commands(server):
+    """A command whose data holds a lone surrogate is `bad_request`, and a valid command right behind it is acked."""
+    url, _, _ = server
+    async with session(url, "staff-1", "staff") as staff:
+        with trio.fail_after(TIMEOUT):
+            await staff.ws.send_message('{"type":"command","id":"bad","name":"add_stock",'
+                                        '"data":{"sku":"s","quantity":1,"name":"\\ud800"}}')
+        await staff.send({"type": "command", "id": "good", "name": "add_stock", "data": {"sku": "s", "quantity": 2}})
+        bad, good = await staff.reply_to("bad"), await staff.reply_to("good")
+        assert (bad["type"], bad.get("code")) == ("error", "bad_request"), bad
+        assert good["type"] == "ack", good
+    await assert_server_alive(url)
+
+
 # -- get -----------------------------------------------------------------------------------------
 
 
