@@ -19,7 +19,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from orderlog.auth import Keys
 from wsclient import (
@@ -28,7 +28,9 @@ from wsclient import (
     assert_quiet,
     connect,
     expect_close,
+    expect_close_frames,
     next_id,
+    raw_connection,
     recv_json,
     running_server,
     send_json,
@@ -44,6 +46,10 @@ async def server(tmp_path):
     """A running server with default settings (HS256 with SECRET)."""
     async with running_server(tmp_path) as running:
         yield running
+
+
+def recv_json_nowait(frame: str) -> dict:
+    return json.loads(frame)
 
 
 def b64url(raw: bytes) -> str:
@@ -175,6 +181,17 @@ async def test_query_token_wins_over_header_token(server):
     # ... and the other way round the query token decides too.
     async with connect(url, "garbage", headers=header_auth(token("alice"))) as ws:
         assert await expect_close(ws) == (4001, "invalid token")
+
+
+async def test_authorization_header_of_another_scheme_is_no_token(server):
+    """An Authorization header that is not `Bearer` carries no token: the first `auth` message decides."""
+    url, _, _ = server
+    async with connect(url, headers=[(b"Authorization", b"Basic YWxpY2U6c2VjcmV0")]) as ws:
+        await send_json(ws, {"type": "auth", "token": token("alice")})
+        assert (await recv_json(ws))["user"] == "alice"
+    async with connect(url, headers=[(b"Authorization", b"Basic YWxpY2U6c2VjcmV0")]) as ws:
+        await send_json(ws, {"type": "ping"})
+        assert await expect_close(ws) == (4001, "authentication required")
 
 
 async def test_header_token_wins_over_auth_message(server):
@@ -368,10 +385,14 @@ async def test_refresh_with_a_bad_token_closes_with_its_reason(server, new, reas
 async def test_token_expiring_while_connected_closes_unless_refreshed(server):
     """When the token's exp passes the server closes with 4001 `token expired`; a refresh prevents it."""
     url, _, _ = server
-    async with session(url, "alice", ttl=2) as stale, session(url, "alice", ttl=2) as fresh:
+    async with session(url, "alice", ttl=2) as stale, session(url, "alice", ttl=2) as fresh, \
+            session(url, "alice", ttl=300) as shortened:
         reply = await fresh.request({"type": "auth", "token": token("alice", ttl=300)})
         assert reply["type"] == "welcome"
+        reply = await shortened.request({"type": "auth", "token": token("alice", ttl=2)})
+        assert reply["type"] == "welcome"
         assert await expect_close(stale.ws, timeout=4) == (4001, "token expired")
+        assert await expect_close(shortened.ws, timeout=2) == (4001, "token expired")
         await fresh.ping()
         await assert_quiet(fresh.ws, 0.5)
         await fresh.ping()
@@ -410,16 +431,32 @@ async def test_welcome_fields(tmp_path):
             assert bob.welcome["head"] == 0
 
 
-async def test_every_close_code_for_auth_is_4001_and_connection_is_not_usable(server):
-    """After a 4001 close the server sends nothing else (no welcome before the close)."""
+async def test_refused_token_gets_no_frame_before_the_close(server):
+    """A refused handshake token gets the 4001 close and nothing else (no welcome, no reply)."""
     url, _, _ = server
     async with connect(url, "garbage") as ws:
         with trio.fail_after(TIMEOUT):
             try:
                 await ws.send_message(json.dumps({"type": "ping", "id": next_id()}))
-            except Exception:
+            except ConnectionClosed:
                 pass
-        from wsclient import expect_close_frames
-
         code, reason, frames = await expect_close_frames(ws)
         assert (code, reason, frames) == (4001, "invalid token", [])
+
+
+async def test_keepalive_pings_keep_a_live_client_and_drop_a_dead_one(tmp_path):
+    """The server pings every ping_interval: a client that answers stays connected, one that does not is closed."""
+    async with running_server(tmp_path, ping_interval=0.3) as (url, _, _):
+        async with session(url, "alice") as alive, raw_connection(url, token("bob"), queue=1) as (dead, _):
+            # `dead` never reads: its welcome fills the client's queue, so once the pong below
+            # arrives its reader stops and it answers no WebSocket ping any more.
+            await send_json(dead, {"type": "ping", "id": "p"})
+            await trio.sleep(1.5)
+            await alive.ping()
+            frames = []
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        frames.append(recv_json_nowait(await dead.get_message()))
+            assert [f["type"] for f in frames] == ["welcome", "pong"]
+            await alive.ping()

@@ -691,3 +691,31 @@ async def test_refresh_to_a_customer_token_narrows_open_subscriptions(server):
         leaked = [f for f in [event, *user.inbox] if f.get("stream") == "order:bob-after-refresh"]
         assert not leaked, f"a customer's feed carried another customer's order: {leaked}"
         assert (event["stream"], event["seq"]) == ("order:u1-own", own["seq"] - 1)
+
+
+async def test_stalled_subscriber_does_not_hold_up_shutdown(tmp_path):
+    """With a subscriber that reads nothing and megabytes pending for it, stop still ends the server within 10 s."""
+    release = trio.Event()
+    held = trio.Event()
+
+    async def stalled(url: str) -> None:
+        async with raw_connection(url, token("staff-stalled", "staff"), rcvbuf=8192, queue=1) as (ws, _):
+            assert (await recv_json(ws))["type"] == "welcome"
+            await send_json(ws, {"type": "subscribe", "channel": "orders", "since": 0})
+            held.set()
+            await release.wait()
+
+    async with trio.open_nursery() as outer:
+        async with running_server(tmp_path, window=200, **UNLIMITED) as (url, _, _):
+            outer.start_soon(stalled, url)
+            with trio.fail_after(TIMEOUT):
+                await held.wait()
+            async with session(url, "staff-w", "staff") as writer:
+                await writer.ok("add_stock", data={"sku": "k", "quantity": 10})
+                await writer.ok("place_order", "big", {"items": [{"sku": "k", "quantity": 1}]})
+                await append_updates(writer, 0, 2000)
+            stopping = trio.current_time()
+        # running_server has set stop and waited for serve() to return.
+        elapsed = trio.current_time() - stopping
+        release.set()
+    assert elapsed < 10, f"shutdown took {elapsed:.1f} s with a stalled client"

@@ -816,8 +816,9 @@ def _stderr_lines(chunks: list[bytes]) -> list[str]:
     return b"".join(chunks).decode(errors="replace").splitlines()
 
 
-async def test_sigterm_exits_0_and_loses_nothing_acked(tmp_path):
-    """`orderlog serve` exits 0 within 10 s of SIGTERM amid traffic, and every acked command is in the log."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_exits_0_and_loses_nothing_acked(tmp_path, signum):
+    """`orderlog serve` exits 0 within 10 s of SIGTERM/SIGINT amid traffic, and every acked command is in the log."""
     db = tmp_path / "live.db"
     secret = "subprocess-secret-0123456789abcdef"
     env = {k: v for k, v in os.environ.items() if k != "ORDERLOG_DB"}
@@ -869,7 +870,7 @@ async def test_sigterm_exits_0_and_loses_nothing_acked(tmp_path):
                 for n in range(4):
                     clients.start_soon(customer, n)
                 await trio.sleep(1.0)
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signum)
                 with trio.fail_after(10):
                     code = await process.wait()
                 clients.cancel_scope.cancel()
@@ -878,7 +879,7 @@ async def test_sigterm_exits_0_and_loses_nothing_acked(tmp_path):
         if process.poll() is None:
             process.kill()
             await process.wait()
-    assert acked, "no command was acked before SIGTERM"
+    assert acked, "no command was acked before the signal"
     store = Store.open(str(db), readonly=True)
     try:
         events = store.read_events(limit=None)
