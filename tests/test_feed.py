@@ -719,3 +719,31 @@ async def test_stalled_subscriber_does_not_hold_up_shutdown(tmp_path):
         elapsed = trio.current_time() - stopping
         release.set()
     assert elapsed < 10, f"shutdown took {elapsed:.1f} s with a stalled client"
+
+
+async def test_subscribe_again_during_a_long_replay(tmp_path):
+    """Resubscribing while the first replay is under way: after the new `subscribed`, one clean chain and one `live`."""
+    async with running_server(tmp_path, window=100, **UNLIMITED) as (url, _, _):
+        async with session(url, "staff-1", "staff") as staff:
+            await staff.ok("add_stock", data={"sku": "k", "quantity": 10})
+            await staff.ok("place_order", "big", {"items": [{"sku": "k", "quantity": 1}]})
+            last = await append_updates(staff, 0, 1500)
+            log = [e for e in await query_all(staff) if e["stream"].startswith("order:")]
+            for since_again in (0, 700, last):
+                await staff.send({"type": "subscribe", "channel": "orders", "since": 0, "id": "first"})
+                await staff.until(lambda f: f["type"] == "order-updated" and f["channel"] == "orders")
+                await staff.send({"type": "subscribe", "channel": "orders", "since": since_again, "id": "second"})
+                frames = await staff.until(lambda f: f.get("id") == "second", 30)
+                assert frames[-1]["type"] == "subscribed"
+                first_part = [f for f in frames if f["type"] in EVENT_TYPES]
+                assert_chain(first_part, first_part[0]["prev"])
+                frames = await staff.until(lambda f: f["type"] == "live", 30)
+                events = [f for f in frames if f["type"] in EVENT_TYPES]
+                assert_chain(events, since_again)
+                assert [as_event(f) for f in events] == [e for e in log if e["seq"] > since_again]
+                await staff.ping()
+                await assert_quiet(staff.ws, 0.2)
+                assert not [f for f in staff.inbox if f["type"] in EVENT_TYPES or f["type"] == "live"], \
+                    "frames of the replaced subscription after the new one's live"
+                staff.inbox.clear()
+                await staff.request({"type": "unsubscribe", "channel": "orders"})
