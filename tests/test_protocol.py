@@ -206,14 +206,18 @@ async def test_schema_violations_are_bad_request(server, message):
 
 
 async def test_oversized_frame_closes_1009(tmp_path):
-    """A frame larger than max_message_size closes the connection with 1009; one below it is fine."""
+    """A frame larger than max_message_size closes the connection with 1009; one of exactly that size is fine."""
     async with running_server(tmp_path, max_message_size=1024) as (url, _, _):
         async with session(url, "alice") as client:
             small = '{"type":"ping","id":"small"' + " " * 900 + "}"
-            with trio.fail_after(TIMEOUT):
-                await client.ws.send_message(small)
-            assert (await client.recv())["type"] == "pong"
-            big = '{"type":"ping","id":"big"' + " " * 2000 + "}"
+            exact = '{"type":"ping","id":"exact"' + " " * (1024 - 28) + "}"
+            assert len(exact.encode()) == 1024
+            for frame in (small, exact):
+                with trio.fail_after(TIMEOUT):
+                    await client.ws.send_message(frame)
+                assert (await client.recv())["type"] == "pong"
+            big = '{"type":"ping","id":"big"' + " " * (1025 - 26) + "}"
+            assert len(big.encode()) == 1025
             with trio.fail_after(TIMEOUT):
                 await client.ws.send_message(big)
             code, _ = await expect_close(client.ws)
