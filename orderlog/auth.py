@@ -92,7 +92,7 @@ def verify(token: Any, keys: Keys, now: float) -> Claims:
         if nbf > now:
             raise AuthError(INVALID, "not valid yet (nbf)")
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_LENGTH:
+    if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_LENGTH or not _valid_unicode(sub):
         raise AuthError(INVALID, "sub must be a non-empty string")
     role = claims.get("role", "customer")
     if role not in ROLES:
@@ -100,6 +100,14 @@ def verify(token: Any, keys: Keys, now: float) -> Claims:
     if exp <= now:
         raise AuthError(EXPIRED)
     return Claims(Principal(sub, role), float(exp))
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def rfc3339(seconds: float) -> str:

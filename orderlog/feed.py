@@ -18,54 +18,81 @@ import attrs
 
 from .domain import Principal
 from .store import dumps
+from .wsfast import frame_header
+
+_string = json.encoder.encode_basestring  # JSON string literal, non-ASCII kept as is (C speed)
 
 DEFAULT_WINDOW = 20_000  # recent events kept in memory for live delivery
 
 
-@attrs.define(slots=True)
 class FeedEvent:
     """A committed event, encoded once for every subscriber.
 
-    `tail` is the frame after `prev` (`"stream":...,"hash":"..."}`); `redacted_tail` is the
-    same with `data.order_id` left out, for customers reading `inventory` moves of orders
-    that are not theirs (see README: to a customer, another customer's order does not exist).
+    A subscription frame is `pre + channel + mid + prev + tail` (`prev` is the only part that
+    differs between two subscribers of one channel), framed as a WebSocket text frame.
+    `redacted_tail` leaves out `data.order_id`, for customers reading `inventory` moves of
+    orders that are not theirs (to a customer, another customer's order does not exist).
     """
 
-    seq: int
-    stream: str
-    type: str
-    owner: str | None
-    order_id: str | None
-    tail: str
-    redacted_tail: str | None
+    __slots__ = ("seq", "stream", "type", "owner", "order_id", "is_order", "pre", "mid", "tail", "_row",
+                 "_redacted")
 
-    def frame(self, channel_json: str, prev: int, redact: bool) -> str:
-        tail = self.redacted_tail if redact and self.redacted_tail is not None else self.tail
-        return f'{{"type":"{self.type}","channel":{channel_json},"seq":{self.seq},"prev":{prev},{tail}'
+    def __init__(self, seq: int, stream: str, type_: str, owner: str | None, order_id: str | None, tail: bytes,
+                 row: tuple | None = None):
+        self.seq = seq
+        self.stream = stream
+        self.type = type_
+        self.owner = owner
+        self.order_id = order_id
+        self.is_order = stream.startswith("order:")
+        self.pre = b'{"type":"' + type_.encode() + b'","channel":'
+        self.mid = b',"seq":' + str(seq).encode() + b',"prev":'
+        self.tail = tail
+        self._row = row
+        self._redacted: bytes | None = None
+
+    @property
+    def redacted_tail(self) -> bytes:
+        if self._redacted is None:
+            if self.order_id is None or self.is_order or self._row is None:
+                self._redacted = self.tail
+            else:
+                seq, stream, version, type_, at, actor, command_id, data, hash_, order_id, owner = self._row
+                value = json.loads(data)
+                value.pop("order_id", None)
+                self._redacted = _tail(stream, version, at, actor, command_id, dumps(value), hash_)
+        return self._redacted
+
+    def payload(self, channel_json: bytes, prev: int, redact: bool = False) -> bytes:
+        """The frame's JSON text (UTF-8) for one subscription."""
+        return b"".join((self.pre, channel_json, self.mid, str(prev).encode(),
+                         self.redacted_tail if redact else self.tail))
+
+    def frame(self, channel_json: bytes, prev: int, redact: bool = False) -> bytes:
+        """The whole WebSocket text frame for one subscription."""
+        prev_bytes = str(prev).encode()
+        tail = self.redacted_tail if redact else self.tail
+        length = len(self.pre) + len(channel_json) + len(self.mid) + len(prev_bytes) + len(tail)
+        return b"".join((frame_header(length), self.pre, channel_json, self.mid, prev_bytes, tail))
 
 
 FEED_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash, order_id, owner"
 
 
-def _tail(stream: str, version: int, at: str, actor: str, command_id: str, data_json: str, hash_: str) -> str:
-    enc = json.dumps
+def _tail(stream: str, version: int, at: str, actor: str, command_id: str, data_json: str, hash_: str) -> bytes:
     return (
-        f'"stream":{enc(stream, ensure_ascii=False)},"version":{version},"at":{enc(at)},'
-        f'"actor":{enc(actor, ensure_ascii=False)},"command_id":{enc(command_id, ensure_ascii=False)},'
-        f'"data":{data_json},"hash":"{hash_}"}}'
-    )
+        f',"stream":"{stream}","version":{version},"at":"{at}","actor":{_string(actor)},'
+        f'"command_id":{_string(command_id)},"data":{data_json},"hash":"{hash_}"}}'
+    ).encode()
 
 
 def feed_event(row: Sequence[Any]) -> FeedEvent:
     """A FeedEvent from an events row (FEED_COLUMNS order)."""
     seq, stream, version, type_, at, actor, command_id, data, hash_, order_id, owner = row
-    redacted = None
-    if order_id is not None and stream.startswith("sku:"):
-        data_value = json.loads(data)
-        data_value.pop("order_id", None)
-        redacted = _tail(stream, version, at, actor, command_id, dumps(data_value), hash_)
-    return FeedEvent(seq, stream, type_, owner, order_id, _tail(stream, version, at, actor, command_id, data, hash_),
-                     redacted)
+    # stream, type, at and hash are made of [A-Za-z0-9._:-] only (ids are checked on the way in),
+    # so they need no escaping; actor and command_id are any strings.
+    tail = _tail(stream, version, at, actor, command_id, data, hash_)
+    return FeedEvent(seq, stream, type_, owner, order_id, tail, tuple(row) if order_id is not None else None)
 
 
 @attrs.frozen
@@ -76,21 +103,20 @@ class Channel:
     principal: Principal
 
     @property
-    def json_name(self) -> str:
-        return json.dumps(self.name)
+    def json_name(self) -> bytes:
+        return json.dumps(self.name).encode()
 
     def sees(self, event: FeedEvent) -> bool:
         if self.name == "orders":
-            return event.stream.startswith("order:") and (
-                self.principal.role != "customer" or event.owner == self.principal.user
-            )
+            return event.is_order and (self.principal.role != "customer" or event.owner == self.principal.user)
         if self.name == "inventory":
-            return event.stream.startswith("sku:")
+            return not event.is_order
         return event.stream == self.name
 
     def redacts(self, event: FeedEvent) -> bool:
         """Whether this subscriber gets the event without `data.order_id`."""
-        return self.principal.role == "customer" and event.owner != self.principal.user
+        return (self.principal.role == "customer" and event.order_id is not None
+                and event.owner != self.principal.user)
 
     def sql(self) -> tuple[str, list[Any]]:
         """The WHERE clause (beyond the seq range) selecting this channel's visible events."""

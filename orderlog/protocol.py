@@ -108,12 +108,25 @@ def parse_json_object(text: str | bytes) -> dict[str, Any]:
     return value
 
 
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_request(text: str | bytes) -> ClientRequest:
     """Parse one client frame into a typed request; raise ClientError with the code to send."""
     message = parse_json_object(text)
     request_id = message.get("id")
-    if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX):
+    if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX
+                            or not _encodable(request_id)):
         raise ClientError("bad_request", f"id must be a string of 1..{REQUEST_ID_MAX} characters")
+    # A \uD800-style escape can smuggle a lone surrogate into a string, which no reply could
+    # carry back as UTF-8: refuse it here, once, instead of failing later.
+    if isinstance(text, str) and ("\\ud" in text or "\\uD" in text) and not _encodable(message):
+        raise ClientError("bad_request", "strings must be valid Unicode (no lone surrogate escapes)", request_id)
     kind = message.get("type")
     if not isinstance(kind, str):
         raise ClientError("bad_request", "every frame needs a string field type", request_id)

@@ -5,12 +5,18 @@ Theory of operation.
   bounded channel; it takes whatever is waiting (in arrival order), commits it as one batch in a
   worker thread (group commit), publishes the new events to the in-memory window, and only
   then sends the acks.
-- Each connection runs one nursery: a receive loop (requests), a send loop (replies, then
-  subscription events), a keep-alive pinger and a token-expiry watch. The send loop is the only
-  writer of event frames, so a subscription's frames are always in seq order, and a slow client
-  only delays itself: its subscriptions are cursors that fall back from the window to SQLite.
-- Replies wait in a bounded per-connection outbox; when it is full the receive loop stops
-  reading, so a client that sends but never reads is held back by TCP, not by our memory.
+- Each connection runs one nursery: a receive loop (requests), a send loop (catch-up pages and
+  `live` markers), a keep-alive pinger and a token-expiry watch. Every byte for a connection goes
+  through its SocketWriter (wsfast.py), which writes without waiting when the kernel takes the
+  bytes, so frames go out in the order they were produced.
+- Subscriptions are cursors on the log. A subscription that is behind is moved forward by its
+  connection's send loop, from the in-memory window or from SQLite, one page at a time, waiting
+  for the socket to drain in between. Once caught up it is attached to the Hub, and each commit's
+  events are routed to it and written straight from the writer task: no task wakes per event.
+  A slow client only delays itself, and its memory is bounded by HIGH_WATER plus one page.
+- Replies are written at once. When a connection's socket queue is over HIGH_WATER, or too many
+  of its commands await their acks, its receive loop stops reading, so a client that sends but
+  never reads is held back by TCP, not by our memory.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import os
 import signal
 import ssl
 import time
-from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -38,6 +43,7 @@ from .feed import Channel, FeedEvent, Window, read_feed
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, channel_kind
 from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
+from .wsfast import HIGH_WATER, SocketWriter, WriterStream, text_frame
 
 log = logging.getLogger("orderlog")
 
@@ -45,9 +51,8 @@ WS_PATH = "/v1/ws"
 GOING_AWAY = 1001
 MAX_BATCH = 2000  # commands per group commit
 WRITER_QUEUE = 10_000  # commands waiting for the writer before senders block
-CATCHUP_PAGE = 1000  # events read from SQLite per catch-up step
-WINDOW_PAGE = 2000  # events taken from the window per send-loop step
-OUTBOX_LIMIT = 256  # replies waiting to be sent before the receive loop stops reading
+CATCHUP_PAGE = 500  # events read from SQLite per catch-up step
+WINDOW_PAGE = 500  # events taken from the window per send-loop step
 MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
 READERS = 2  # read-only SQLite connections for catch-up, get and query
 EXTERNAL_POLL = 1.0  # seconds between looks for events written by another process
@@ -119,23 +124,96 @@ class Pending:
 
 
 class Hub:
-    """The committed head, the window of recent events, and who waits for the next ones."""
+    """The committed head, the window of recent events, and the subscriptions fed directly.
+
+    A subscription that has caught up (its `live` marker sent, nothing of the window left to
+    send) is *attached*: `publish` routes each new event to the attached subscriptions that may
+    see it (indexed by channel and customer, so a customer's feed costs nothing for others'
+    events) and writes each connection's frames with one non-blocking write, without waking any
+    task. A connection whose socket does not keep up (more than HIGH_WATER bytes queued) has its
+    subscriptions detached at the exact event reached; its own send loop then continues from
+    there, from the window or from SQLite.
+    """
 
     def __init__(self, head: int, size: int):
         self.window = Window(head, size)
-        self.waiting: set[Connection] = set()
+        self.staff_orders: set[Subscription] = set()
+        self.customer_orders: dict[str, set[Subscription]] = {}
+        self.inventory: set[Subscription] = set()
+        self.streams: dict[str, set[Subscription]] = {}
 
     @property
     def head(self) -> int:
         return self.window.head
 
+    def _index(self, sub: "Subscription") -> set:
+        name = sub.channel.name
+        if name == "orders":
+            if sub.channel.principal.role == "customer":
+                return self.customer_orders.setdefault(sub.channel.principal.user, set())
+            return self.staff_orders
+        if name == "inventory":
+            return self.inventory
+        return self.streams.setdefault(name, set())
+
+    def attach(self, sub: "Subscription") -> None:
+        """Feed `sub` directly from now on; it has been sent everything up to the head."""
+        sub.attached = True
+        self._index(sub).add(sub)
+
+    def detach(self, sub: "Subscription", cursor: int | None = None) -> None:
+        """Stop feeding `sub` directly; it has been sent everything visible up to `cursor`."""
+        if not sub.attached:
+            return
+        sub.attached = False
+        sub.cursor = self.head if cursor is None else cursor
+        index = self._index(sub)
+        index.discard(sub)
+        if not index:
+            name = sub.channel.name
+            if name == "orders" and sub.channel.principal.role == "customer":
+                self.customer_orders.pop(sub.channel.principal.user, None)
+            elif name.startswith("order:"):
+                self.streams.pop(name, None)
+
     def publish(self, events: list[FeedEvent]) -> None:
         if not events:
             return
         self.window.append(events)
-        waiting, self.waiting = self.waiting, set()
-        for connection in waiting:
-            connection.wake()
+        out: dict[Connection, list[bytes]] = {}
+        sizes: dict[Connection, int] = {}
+        staff, inventory, streams, customers = self.staff_orders, self.inventory, self.streams, self.customer_orders
+        for event in events:
+            if event.is_order:
+                targets = list(staff)
+                if event.owner in customers:
+                    targets.extend(customers[event.owner])
+                if event.stream in streams:
+                    targets.extend(streams[event.stream])
+            elif inventory:
+                targets = list(inventory)
+            else:
+                continue
+            for sub in targets:
+                if not sub.attached:
+                    continue  # detached earlier in this publish
+                connection = sub.connection
+                frame = event.frame(sub.channel_json, sub.prev, sub.redact and sub.channel.redacts(event))
+                sub.prev = event.seq
+                parts = out.get(connection)
+                if parts is None:
+                    parts = out[connection] = []
+                    sizes[connection] = connection.writer.buffered
+                parts.append(frame)
+                sizes[connection] += len(frame)
+                if sizes[connection] > HIGH_WATER:
+                    # Too much for this socket now: its own send loop takes over from here.
+                    for other in list(connection.subs.values()):
+                        if other.attached:
+                            self.detach(other, event.seq if other.prev == event.seq else event.seq - 1)
+                    connection.wake()
+        for connection, parts in out.items():
+            connection.write_frames(parts)
 
 
 # -- the service -------------------------------------------------------------------------------
@@ -260,12 +338,14 @@ class Service:
             if head is None:
                 return
             async with trio.open_nursery() as nursery:
+                writer = SocketWriter(stream)
+                nursery.start_soon(writer.run)
                 with trio.move_on_after(settings.handshake_timeout) as scope:
-                    request = await wrap_server_stream(nursery, http.PrefixedStream(stream, head.raw),
+                    request = await wrap_server_stream(nursery, WriterStream(stream, writer, head.raw),
                                                        max_message_size=settings.max_message_size,
                                                        receive_buffer_size=RECEIVE_BUFFER)
                 if not scope.cancelled_caught:
-                    await self.handle(request)
+                    await self.handle(request, writer)
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
             pass
@@ -274,7 +354,7 @@ class Service:
                 scope.shield = True
                 await stream.aclose()
 
-    async def handle(self, request: WebSocketRequest) -> None:
+    async def handle(self, request: WebSocketRequest, writer: SocketWriter) -> None:
         """A WebSocket handshake: check path, origin and capacity, then run the connection."""
         target = urlsplit(request.path)
         if target.path != WS_PATH:
@@ -291,18 +371,16 @@ class Service:
             return
         token = _handshake_token(target.query, headers.get("authorization"))
         ws = await request.accept()
-        connection = Connection(self, ws, next(self._ids), token)
+        connection = Connection(self, ws, writer, next(self._ids), token)
         self.connections.add(connection)
         self.metrics.connections.inc()
         try:
             await connection.run()
         finally:
             self.connections.discard(connection)
-            self.hub.waiting.discard(connection)
             self.metrics.connections.dec()
-            for channel in connection.subs:
-                self.metrics.subscriptions.labels(channel_kind(channel)).dec()
-            connection.subs.clear()
+            for channel in list(connection.subs):
+                connection.drop_subscription(channel)
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await ws.aclose()
@@ -341,25 +419,34 @@ def _handshake_token(query: str, authorization: str | None) -> str | None:
 # -- one connection ----------------------------------------------------------------------------
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=True)
 class Subscription:
+    connection: "Connection"
     channel: Channel
-    cursor: int  # every visible event with seq <= cursor has been sent
+    cursor: int  # every visible event with seq <= cursor has been sent (while detached)
     prev: int  # seq of the last event sent (or `since`)
     head: int  # subscribed.head: `live` comes once cursor >= it
     live_sent: bool = False
+    attached: bool = False  # fed by Hub.publish; its cursor is then the hub's head
+    channel_json: bytes = b""
+    redact: bool = False  # a customer: other customers' order ids are left out of inventory
+
+    def __attrs_post_init__(self) -> None:
+        self.channel_json = self.channel.json_name
+        self.redact = self.channel.principal.role == "customer"
 
 
 class Connection:
-    def __init__(self, service: Service, ws: WebSocketConnection, number: int, token: str | None):
+    def __init__(self, service: Service, ws: WebSocketConnection, writer: SocketWriter, number: int,
+                 token: str | None):
         self.service = service
         self.ws = ws
+        self.writer = writer
         self.number = number
         self.handshake_token = token
         self.principal: Principal | None = None
         self.expires_at = 0.0
         self.subs: dict[str, Subscription] = {}
-        self.outbox: deque[str] = deque()
         self.inflight = 0
         self._wake = trio.Event()
         self._space = trio.Event()
@@ -468,6 +555,24 @@ class Connection:
             head=self.service.hub.head, log_id=self.service.log_id, expires_at=auth.rfc3339(claims.expires_at),
         ))
 
+    async def _retarget_subscriptions(self) -> None:
+        """After a refresh changed the role: every open subscription now sees what the new role
+        may see, from where it was; an `order:` channel the new role may not read is closed with
+        an unsolicited `unsubscribed`."""
+        principal = self.principal
+        assert principal is not None
+        hub = self.service.hub
+        for name, sub in list(self.subs.items()):
+            hub.detach(sub)
+            sub.channel = Channel(name, principal)
+            sub.redact = principal.role == "customer"
+            if name.startswith("order:"):
+                order = await self.service.readers.run(Store.get_order, name[6:])
+                if not can_see_order(principal, order) and self.subs.get(name) is sub:
+                    self.drop_subscription(name)
+                    self.push(protocol.reply("unsubscribed", None, channel=name))
+        self.wake()
+
     def _deadline(self) -> float:
         return trio.current_time() + max(0.0, self.expires_at - time.time())
 
@@ -486,11 +591,25 @@ class Connection:
             if scope.cancelled_caught:
                 raise CloseConnection(GOING_AWAY, "keep-alive ping not answered")
 
-    # outbox ---------------------------------------------------------------------------
+    # sending replies ------------------------------------------------------------------
 
-    def push(self, frame: str) -> None:
-        self.outbox.append(frame)
-        self._wake.set()
+    def push(self, text: str) -> None:
+        """Send one reply frame now (it queues behind earlier frames if the socket is full)."""
+        if self.ws.closed is not None:
+            return  # closing: nothing more goes out
+        try:
+            self.writer.write(text_frame(text.encode()))
+        except trio.BrokenResourceError:
+            self.wake()  # the send loop notices and ends the connection
+
+    def write_frames(self, frames: list[bytes]) -> None:
+        """Send event frames built by Hub.publish (see push)."""
+        if self.ws.closed is not None:
+            return
+        try:
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except trio.BrokenResourceError:
+            self.wake()
 
     def wake(self) -> None:
         self._wake.set()
@@ -505,10 +624,21 @@ class Connection:
         self._space.set()
 
     async def _room(self) -> None:
-        """Wait until the outbox and the commands in flight are under their limits."""
-        while len(self.outbox) >= OUTBOX_LIMIT or self.inflight >= MAX_INFLIGHT:
+        """Wait until the socket's queue and the commands in flight are under their limits."""
+        while True:
+            await self.writer.drain(HIGH_WATER)
+            if self.inflight < MAX_INFLIGHT:
+                return
             self._space = trio.Event()
             await self._space.wait()
+
+    def drop_subscription(self, channel: str) -> bool:
+        sub = self.subs.pop(channel, None)
+        if sub is None:
+            return False
+        self.service.hub.detach(sub)
+        self.service.metrics.subscriptions.labels(channel_kind(channel)).dec()
+        return True
 
     # receiving ------------------------------------------------------------------------
 
@@ -541,8 +671,7 @@ class Connection:
         elif isinstance(request, protocol.Subscribe):
             await self._subscribe(request, principal)
         elif isinstance(request, protocol.Unsubscribe):
-            if self.subs.pop(request.channel, None) is not None:
-                service.metrics.subscriptions.labels(channel_kind(request.channel)).dec()
+            self.drop_subscription(request.channel)
             self.push(protocol.reply("unsubscribed", request.id, channel=request.channel))
         elif isinstance(request, protocol.Get):
             await self._get(request, principal)
@@ -552,6 +681,8 @@ class Connection:
             self.push(protocol.reply("pong", request.id, head=service.hub.head))
         elif isinstance(request, protocol.Auth):
             self._accept_token(request.token, request.id)
+            if self.principal.role != principal.role:
+                await self._retarget_subscriptions()
 
     def _take_token(self) -> bool:
         settings = self.service.settings
@@ -582,10 +713,11 @@ class Connection:
             raise protocol.ClientError("rate_limited", f"at most {service.settings.max_subscriptions} subscriptions "
                                        "per connection", request.id)
         since = head if request.since is None else request.since
-        if request.channel not in self.subs:
-            service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
-        self.subs[request.channel] = Subscription(Channel(request.channel, principal), since, since, head)
+        self.drop_subscription(request.channel)
         self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=since, head=head))
+        self.subs[request.channel] = Subscription(self, Channel(request.channel, principal), since, since, head)
+        service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
+        self.wake()
 
     async def _get(self, request: protocol.Get, principal: Principal) -> None:
         readers = self.service.readers
@@ -612,31 +744,32 @@ class Connection:
     # sending --------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        ws = self.ws
+        """Bring every detached subscription up to the head, then attach it to the hub.
+
+        Replies do not pass through here (they are written at once); this loop only sends
+        catch-up pages and `live` markers, waiting for the socket to drain between pages.
+        """
         hub = self.service.hub
         while True:
-            while self.outbox:
-                frame = self.outbox.popleft()
-                self._space.set()
-                await ws.send_message(frame)
+            await self.writer.drain(HIGH_WATER)
             progressed = False
-            # One step for each subscription per pass, so a busy channel cannot starve another.
             for sub in list(self.subs.values()):
-                if self.outbox:
-                    break
+                if sub.attached:
+                    continue
                 if not sub.live_sent and sub.cursor >= sub.head:
                     sub.live_sent = True
-                    await ws.send_message(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
+                    self.push(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
                     progressed = True
                 elif sub.cursor < hub.head:
                     await self._advance(sub)
                     progressed = True
-            if progressed or self.outbox:
-                continue
-            self._wake = trio.Event()
-            if self.subs:
-                hub.waiting.add(self)
-            await self._wake.wait()
+                elif self.subs.get(sub.channel.name) is sub:
+                    hub.attach(sub)  # caught up: from now on Hub.publish feeds it
+            if self.writer.error is not None:
+                raise ConnectionClosed(None)
+            if not progressed:
+                self._wake = trio.Event()
+                await self._wake.wait()
 
     async def _advance(self, sub: Subscription) -> None:
         """Send the next page of what `sub` has not seen yet, from the window or SQLite."""
@@ -651,17 +784,17 @@ class Connection:
             until = hub.head
             visible = await self.service.readers.run(_read_channel, channel, sub.cursor, until, CATCHUP_PAGE)
             cursor = until if len(visible) < CATCHUP_PAGE else visible[-1].seq
-            if self.subs.get(channel.name) is not sub:
+            if self.subs.get(channel.name) is not sub or sub.attached:
                 return  # replaced or unsubscribed while reading
-        name = channel.json_name
-        for event in visible:
-            frame = event.frame(name, sub.prev, channel.redacts(event))
-            await self.ws.send_message(frame)
-            sub.prev = event.seq
-            if self.subs.get(channel.name) is not sub:
-                return
+        if visible:
+            name, prev, redact = sub.channel_json, sub.prev, sub.redact
+            frames = []
+            for event in visible:
+                frames.append(event.frame(name, prev, redact and channel.redacts(event)))
+                prev = event.seq
+            sub.prev = prev
+            self.write_frames(frames)
         sub.cursor = cursor
-
 
 def _read_channel(store: Store, channel: Channel, after: int, until: int, limit: int) -> list[FeedEvent]:
     return read_feed(store.conn, channel, after, until, limit)

@@ -1,0 +1,173 @@
+"""The fast send path: server text frames built by hand and written without waiting.
+
+trio-websocket (with wsproto) does the handshake, receives, and sends control frames. Sending a
+data frame through it costs several trips through trio's scheduler (its send lock, the socket's
+checkpoints). Here instead:
+
+- `text_frame(payload)` frames a message ourselves. Server frames are unmasked and we never
+  negotiate compression, so a frame is a 2-10 byte header plus the UTF-8 payload (RFC 6455
+  section 5.2), and the same payload bytes can serve every connection.
+- `SocketWriter` is one per TCP connection, and every byte for that connection goes through it,
+  trio-websocket's own writes included (through `WriterStream`). `write()` never waits: when
+  nothing is queued it hands the bytes to the kernel at once with a non-blocking `os.write` on
+  the socket's file descriptor (what asyncio transports do), and queues only what the kernel did
+  not take; a flusher task sends the queue with trio's `send_all`. So bytes leave in the order
+  they were written, and frames never interleave.
+
+Relies on trio-websocket 0.12 calling `stream.send_all` for its handshake and control frames and
+`stream.receive_some` for reading (its public `wrap_server_stream` takes any stream), and on trio's
+`SocketStream.socket.fileno()`. tests/test_wsfast.py checks the framing against wsproto's parser.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import trio
+
+HIGH_WATER = 256 * 1024  # queued bytes beyond which producers wait (or a subscription falls back)
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final text frame carrying `length` payload bytes."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete server text frame."""
+    return frame_header(len(payload)) + payload
+
+
+class SocketWriter:
+    """Ordered, non-blocking writes to one stream; see the module docstring."""
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        socket = getattr(stream, "socket", None)
+        # Only a plain TCP stream can take a direct write; TLS goes through the flusher.
+        self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket is not None else None
+        self._queue: deque[bytes] = deque()
+        self.buffered = 0  # bytes queued, not yet handed to the kernel
+        self.written = 0  # bytes accepted by write() so far
+        self.flushed = 0  # bytes handed to the kernel so far
+        self.error: BaseException | None = None
+        self.closed = False
+        self._sending = False  # the flusher is inside send_all: no direct write may overtake it
+        self._wake = trio.Event()
+        self._progress = trio.Event()
+
+    def write(self, data: bytes) -> None:
+        """Send `data` after everything written before it, without waiting.
+
+        Raises trio.BrokenResourceError once the connection failed.
+        """
+        if self.error is not None or self.closed:
+            raise trio.BrokenResourceError("connection lost") from self.error
+        self.written += len(data)
+        if not self._queue and not self._sending and self._fd is not None:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                raise trio.BrokenResourceError("connection lost") from exc
+            self.flushed += sent
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._queue.append(data)
+        self.buffered += len(data)
+        self._wake.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._wake.set()
+        self._progress.set()
+
+    async def run(self) -> None:
+        """The flusher: send whatever is queued, in order, until cancelled or broken."""
+        while True:
+            while not self._queue:
+                if self.error is not None:
+                    return
+                self._wake = trio.Event()
+                await self._wake.wait()
+            chunk = self._queue.popleft() if len(self._queue) == 1 else b"".join(self._take())
+            self._sending = True
+            try:
+                await self.stream.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(exc)
+                return
+            finally:
+                self._sending = False
+            self.buffered -= len(chunk)
+            self.flushed += len(chunk)
+            self._progress.set()
+            self._progress = trio.Event()
+
+    def _take(self, limit: int = 1024 * 1024) -> list[bytes]:
+        parts, size = [], 0
+        while self._queue and size < limit:
+            part = self._queue.popleft()
+            parts.append(part)
+            size += len(part)
+        return parts
+
+    async def drain(self, below: int = HIGH_WATER) -> None:
+        """Wait until fewer than `below` bytes are queued (or the connection failed)."""
+        while self.buffered >= below and self.error is None:
+            await self._progress.wait()
+        if self.error is not None:
+            raise trio.BrokenResourceError("connection lost") from self.error
+
+    async def wait_flushed(self) -> None:
+        """Wait until everything written so far has been handed to the kernel."""
+        target = self.written
+        while self.flushed < target and self.error is None:
+            await self._progress.wait()
+        if self.error is not None:
+            raise trio.BrokenResourceError("connection lost") from self.error
+        await trio.lowlevel.checkpoint()
+
+
+class WriterStream(trio.abc.HalfCloseableStream):
+    """The stream trio-websocket sees: reads from the socket (after `prefix`, the bytes already
+    read while routing the request), writes through the connection's SocketWriter."""
+
+    def __init__(self, stream: trio.SocketStream, writer: SocketWriter, prefix: bytes = b""):
+        self.stream = stream
+        self.writer = writer
+        self._prefix = prefix
+
+    @property
+    def socket(self):  # trio-websocket names the endpoints from it
+        return self.stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        self.writer.write(bytes(data))
+        await self.writer.wait_flushed()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.writer.drain(1)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        self.writer.closed = True
+        await self.stream.aclose()
