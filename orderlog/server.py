@@ -238,7 +238,9 @@ class Service:
 
     def max_lag(self) -> int:
         head = self.hub.head
-        return max((head - sub.cursor for c in self.connections for sub in c.subs.values()), default=0)
+        # An attached subscription is fed from each commit: its cursor is the head, not `sub.cursor`.
+        return max((0 if sub.attached else head - sub.cursor for c in self.connections for sub in c.subs.values()),
+                   default=0)
 
     def health(self) -> tuple[bool, dict]:
         ok = self.writer_alive and not self.stopping and self.write_error is None
