@@ -1,0 +1,447 @@
+// The live dashboard: orders and stock folded from `subscribe orders/inventory since 0`,
+// kept current by orderlog.js (which reconnects and resumes on its own).
+import { OrderlogClient, defaultUrl } from "/orderlog.js";
+
+const TOKEN_KEY = "orderlog.token"; // sessionStorage: this tab only, never the URL
+const MAX_ROWS = 500; // newest orders shown; the rest are counted
+const ACTIVITY_ROWS = 14;
+const LOW_STOCK = 5; // available at or below this is shown in amber
+const RENDER_DELAY_MS = 30; // events are folded at once, the DOM is updated at most this often
+const FLASH_MS = 2400;
+const STATUSES = ["placed", "approved", "shipped", "delivered", "cancelled"];
+const STAFF_ACTIONS = { placed: ["approve", "cancel"], approved: ["ship", "cancel"], shipped: ["deliver"] };
+const COMMANDS = { approve: "approve_order", ship: "ship_order", deliver: "deliver_order", cancel: "cancel_order" };
+const NEW_STATUS = {
+  "order-approved": "approved",
+  "order-shipped": "shipped",
+  "order-delivered": "delivered",
+  "order-cancelled": "cancelled",
+};
+
+const $ = (id) => document.getElementById(id);
+
+let client = null;
+let me = { user: null, role: null };
+let orders = new Map(); // order_id -> order
+let stock = new Map(); // sku -> {sku, name, available, reserved, version, last_seq}
+let activity = [];
+let live = { orders: false, inventory: false };
+let rows = new Map(); // order_id -> {tr, version}
+let filter = { status: null, text: "" };
+let renderTimer = null;
+let countdown = null;
+
+// -- folding events into state -------------------------------------------------------------
+
+function foldOrder(event) {
+  const id = event.stream.slice("order:".length);
+  let order = orders.get(id);
+  if (event.type === "order-created") {
+    const d = event.data;
+    order = {
+      order_id: id, customer: d.customer, items: d.items || [], ship_to: d.ship_to, note: d.note,
+      status: "placed", created_seq: event.seq, created_at: event.at,
+    };
+    orders.set(id, order);
+    order.flash = live.orders;
+  } else if (!order) {
+    return; // cannot happen with since 0: every order starts with order-created
+  } else if (event.type === "order-updated") {
+    Object.assign(order, event.data);
+  } else if (NEW_STATUS[event.type]) {
+    order.status = NEW_STATUS[event.type];
+    order.flash = true; // a status change: highlight it (also when resumed after a reconnect)
+  }
+  order.version = event.version;
+  order.last_seq = event.seq;
+  order.updated_at = event.at;
+}
+
+function foldStock(event) {
+  const sku = event.data.sku || event.stream.slice("sku:".length);
+  let s = stock.get(sku);
+  if (!s) {
+    s = { sku, name: null, available: 0, reserved: 0 };
+    stock.set(sku, s);
+  }
+  const q = event.data.quantity || 0;
+  switch (event.type) {
+    case "stock-added":
+      s.available += q;
+      if (event.data.name) s.name = event.data.name;
+      break;
+    case "stock-reserved":
+      s.available -= q;
+      s.reserved += q;
+      break;
+    case "stock-shipped":
+      s.reserved -= q;
+      break;
+    case "stock-released":
+      s.available += q;
+      s.reserved -= q;
+      break;
+  }
+  s.version = event.version;
+  s.last_seq = event.seq;
+  s.flash = live.inventory;
+}
+
+function noteActivity(event) {
+  // Two channels interleave (and replay one after the other): keep the newest by seq.
+  activity.push(event);
+  activity.sort((a, b) => b.seq - a.seq);
+  if (activity.length > ACTIVITY_ROWS) activity.length = ACTIVITY_ROWS;
+}
+
+// -- connecting ----------------------------------------------------------------------------
+
+function start(token) {
+  stop();
+  resetState();
+  client = new OrderlogClient(defaultUrl(), token, { onStatus: showStatus });
+  client.addEventListener("welcome", (e) => {
+    me = { user: e.detail.user, role: e.detail.role };
+    $("who").innerHTML = `${escape(me.user)} <span class="badge role-${escape(me.role)}">${escape(me.role)}</span>`;
+    $("head").textContent = `head ${e.detail.head}`;
+    showBoard();
+    scheduleRender();
+  });
+  subscribeOrders();
+  subscribeInventory();
+  showBoard();
+  client.start();
+}
+
+function subscribeOrders() {
+  client.subscribe("orders", {
+    since: 0,
+    onEvent: (event) => {
+      foldOrder(event);
+      noteActivity(event);
+      scheduleRender();
+    },
+    onLive: () => {
+      live.orders = true;
+      scheduleRender();
+    },
+    onError: (error) => restartChannel(error, "orders"),
+  });
+}
+
+function subscribeInventory() {
+  client.subscribe("inventory", {
+    since: 0,
+    onEvent: (event) => {
+      foldStock(event);
+      if (event.type === "stock-added") noteActivity(event);
+      scheduleRender();
+    },
+    onLive: () => {
+      live.inventory = true;
+      scheduleRender();
+    },
+    onError: (error) => restartChannel(error, "inventory"),
+  });
+}
+
+function restartChannel(error, channel) {
+  if (error.code !== "resync_required") {
+    toast(`${channel}: ${error.message}`);
+    return;
+  }
+  // The server holds another log than the one we folded: start over from seq 0.
+  toast("The server's log changed: reloading everything.");
+  if (channel === "orders") {
+    orders = new Map();
+    rows = new Map();
+    $("orders").tBodies[0].replaceChildren();
+    live.orders = false;
+    subscribeOrders();
+  } else {
+    stock = new Map();
+    live.inventory = false;
+    subscribeInventory();
+  }
+  scheduleRender();
+}
+
+function stop() {
+  if (client) client.close();
+  client = null;
+}
+
+function resetState() {
+  orders = new Map();
+  stock = new Map();
+  rows = new Map();
+  activity = [];
+  live = { orders: false, inventory: false };
+  $("orders").tBodies[0].replaceChildren();
+}
+
+function showStatus(status) {
+  const box = $("connection");
+  clearInterval(countdown);
+  countdown = null;
+  if (status.state === "resumed" && status.channel !== "orders") return;
+  box.dataset.state = status.state;
+  $("retry").hidden = status.state !== "reconnecting";
+  const text = $("connection-text");
+  if (status.state === "reconnecting") {
+    const tick = () => {
+      const left = Math.max(0, Math.ceil((status.at - Date.now()) / 1000));
+      text.textContent = `reconnecting in ${left} s`;
+    };
+    tick();
+    countdown = setInterval(tick, 250);
+  } else if (status.state === "unauthorized") {
+    text.textContent = "signed out";
+    sessionStorage.removeItem(TOKEN_KEY);
+    showSignIn(`The server refused the token: ${status.reason}.`);
+  } else {
+    text.textContent = status.text;
+  }
+}
+
+// -- rendering -----------------------------------------------------------------------------
+
+function scheduleRender() {
+  if (renderTimer === null) renderTimer = setTimeout(render, RENDER_DELAY_MS);
+}
+
+function render() {
+  renderTimer = null;
+  renderTiles();
+  renderOrders();
+  renderStock();
+  renderActivity();
+}
+
+function renderTiles() {
+  const counts = Object.fromEntries(STATUSES.map((s) => [s, 0]));
+  for (const o of orders.values()) counts[o.status] = (counts[o.status] || 0) + 1;
+  const tiles = [["all", orders.size], ...STATUSES.map((s) => [s, counts[s]])];
+  const box = $("tiles");
+  box.replaceChildren(
+    ...tiles.map(([name, n]) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = `tile status-${name}`;
+      b.dataset.status = name;
+      b.setAttribute("aria-pressed", String((filter.status || "all") === name));
+      b.innerHTML = `<span class="n">${n}</span><span class="label">${name}</span>`;
+      b.onclick = () => {
+        filter.status = name === "all" || filter.status === name ? null : name;
+        render();
+      };
+      return b;
+    }),
+  );
+}
+
+function matches(order) {
+  if (filter.status && order.status !== filter.status) return false;
+  if (!filter.text) return true;
+  const hay = [order.order_id, order.customer, ...order.items.map((i) => i.sku)].join(" ").toLowerCase();
+  return hay.includes(filter.text);
+}
+
+function renderOrders() {
+  const all = [...orders.values()].filter(matches).sort((a, b) => b.created_seq - a.created_seq);
+  const shown = all.slice(0, MAX_ROWS);
+  const body = $("orders").tBodies[0];
+  const keep = new Set();
+  let previous = null;
+  for (const order of shown) {
+    keep.add(order.order_id);
+    let row = rows.get(order.order_id);
+    if (!row) {
+      row = { tr: document.createElement("tr"), version: -1 };
+      row.tr.dataset.orderId = order.order_id;
+      rows.set(order.order_id, row);
+    }
+    if (row.version !== order.version || row.role !== me.role) {
+      fillOrderRow(row.tr, order);
+      row.version = order.version;
+      row.role = me.role;
+    }
+    if (order.flash) {
+      order.flash = false;
+      flash(row.tr);
+    }
+    const wanted = previous ? previous.nextSibling : body.firstChild;
+    if (wanted !== row.tr) body.insertBefore(row.tr, wanted);
+    previous = row.tr;
+  }
+  for (const [id, row] of rows) {
+    if (!keep.has(id)) {
+      row.tr.remove();
+      rows.delete(id);
+    }
+  }
+  $("orders-count").textContent = orders.size;
+  $("orders-empty").hidden = shown.length > 0;
+  $("orders-empty").textContent = orders.size ? "No order matches the filter." : "No orders yet.";
+  const more = $("orders-more");
+  more.hidden = all.length <= MAX_ROWS;
+  more.textContent = `Showing the newest ${MAX_ROWS} of ${all.length} orders.`;
+}
+
+function fillOrderRow(tr, order) {
+  tr.dataset.status = order.status;
+  const items = order.items.map((i) => `${i.quantity}× ${escape(i.sku)}`).join(", ");
+  tr.innerHTML = `
+    <td class="mono" title="${escape(order.order_id)}">${escape(short(order.order_id))}</td>
+    <td>${escape(order.customer)}</td>
+    <td class="items">${items}</td>
+    <td><span class="pill status-${order.status}">${order.status}</span></td>
+    <td class="num mono">${order.last_seq}</td>
+    <td class="muted" title="${escape(order.updated_at)}">${time(order.updated_at)}</td>
+    <td class="actions"></td>`;
+  const cell = tr.querySelector(".actions");
+  for (const action of actionsFor(order)) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = action === "cancel" ? "small danger" : "small";
+    b.dataset.action = action;
+    b.textContent = action;
+    b.onclick = () => act(action, order, b);
+    cell.append(b);
+  }
+}
+
+function actionsFor(order) {
+  if (me.role === "staff") return STAFF_ACTIONS[order.status] || [];
+  if (me.role === "customer" && order.status === "placed" && order.customer === me.user) return ["cancel"];
+  return [];
+}
+
+async function act(action, order, button) {
+  button.disabled = true;
+  try {
+    await client.command(COMMANDS[action], { orderId: order.order_id, expectedVersion: order.version });
+  } catch (error) {
+    button.disabled = false;
+    toast(error.code === "conflict" ? `${short(order.order_id)} changed meanwhile; try again.` : error.message);
+  }
+}
+
+function renderStock() {
+  const body = $("stock").tBodies[0];
+  const items = [...stock.values()].sort((a, b) => a.sku.localeCompare(b.sku));
+  body.replaceChildren(
+    ...items.map((s) => {
+      const tr = document.createElement("tr");
+      tr.dataset.sku = s.sku;
+      if (s.available <= LOW_STOCK) tr.className = "low";
+      tr.innerHTML = `
+        <td><div class="sku">${escape(s.sku)}</div>${s.name ? `<div class="muted small">${escape(s.name)}</div>` : ""}</td>
+        <td class="num mono">${s.available}</td>
+        <td class="num mono muted">${s.reserved}</td>`;
+      if (s.flash) {
+        s.flash = false;
+        flash(tr);
+      }
+      return tr;
+    }),
+  );
+  $("stock-empty").hidden = items.length > 0;
+}
+
+function renderActivity() {
+  $("activity").replaceChildren(
+    ...activity.map((e) => {
+      const li = document.createElement("li");
+      const what = e.stream.startsWith("order:") ? short(e.stream.slice(6)) : e.data.sku;
+      li.innerHTML = `<span class="mono muted">#${e.seq}</span> <span class="ev ev-${escape(e.type)}">${escape(e.type)}</span>
+        <span class="mono">${escape(what || "")}</span><span class="muted when">${time(e.at)}</span>`;
+      return li;
+    }),
+  );
+  const head = Math.max(0, ...activity.map((e) => e.seq));
+  if (head) $("head").textContent = `seq ${head}`;
+}
+
+function flash(tr) {
+  tr.classList.remove("flash");
+  void tr.offsetWidth; // restart the animation
+  tr.classList.add("flash");
+  setTimeout(() => tr.classList.remove("flash"), FLASH_MS);
+}
+
+// -- helpers -------------------------------------------------------------------------------
+
+function escape(text) {
+  return String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+function short(id) {
+  return id.length > 14 ? `${id.slice(0, 8)}…${id.slice(-4)}` : id;
+}
+
+function time(at) {
+  if (!at) return "";
+  const d = new Date(at);
+  return Number.isNaN(d.getTime()) ? at : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+let toastTimer = null;
+function toast(text) {
+  const box = $("toast");
+  box.textContent = text;
+  box.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => (box.hidden = true), 5000);
+}
+
+function showSignIn(error) {
+  $("sign-in").hidden = false;
+  $("board").hidden = true;
+  $("sign-out").hidden = true;
+  $("who").textContent = "";
+  const box = $("sign-in-error");
+  box.hidden = !error;
+  box.textContent = error || "";
+  $("token").focus();
+}
+
+function showBoard() {
+  $("sign-in").hidden = true;
+  $("board").hidden = false;
+  $("sign-out").hidden = false;
+}
+
+// -- wiring --------------------------------------------------------------------------------
+
+$("sign-in-form").addEventListener("submit", (e) => {
+  e.preventDefault(); // never let the token reach the URL
+  const token = $("token").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token").value = "";
+  $("sign-in-error").hidden = true;
+  start(token);
+});
+
+$("sign-out").addEventListener("click", () => {
+  stop();
+  sessionStorage.removeItem(TOKEN_KEY);
+  resetState();
+  showStatus({ state: "closed", text: "not connected" });
+  showSignIn();
+});
+
+$("retry").addEventListener("click", () => client && client.reconnectNow());
+
+$("search").addEventListener("input", (e) => {
+  filter.text = e.target.value.trim().toLowerCase();
+  render();
+});
+
+const saved = sessionStorage.getItem(TOKEN_KEY);
+if (saved) {
+  start(saved);
+} else {
+  showSignIn();
+}

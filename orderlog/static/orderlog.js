@@ -1,0 +1,377 @@
+/**
+ * orderlog.js: a dependency-free browser client for the orderlog WebSocket protocol (v1).
+ *
+ *   import { OrderlogClient } from "/orderlog.js";
+ *   const client = new OrderlogClient("ws://127.0.0.1:8765/v1/ws", token, {
+ *     onStatus: (s) => console.log(s.text),           // connected / reconnecting in 3 s / resumed from seq 41
+ *   });
+ *   client.subscribe("orders", { since: 0, onEvent: (e) => console.log(e.seq, e.type) });
+ *   client.start();
+ *   const ack = await client.command("place_order", { orderId: "o-1", data: { items: [{ sku: "kibble", quantity: 1 }] } });
+ *
+ * It behaves like the Python client (orderlog/client.py): it reconnects on its own with
+ * exponential backoff and jitter (1 s doubling, capped at 30 s, reset after a connection that
+ * stayed up), resubscribes every channel after the last seq it delivered together with the
+ * welcome's log_id, drops duplicates (seq <= last), resubscribes from the last seq when an
+ * event's `prev` shows a hole, and resends unacknowledged requests with the same id, so a
+ * command is applied at most once. Built on the browser's native WebSocket; no build step.
+ *
+ * Events (the client is an EventTarget; each also has a callback option):
+ *   "status"  detail {state, text, ...}   state: connecting | connected | resumed | reconnecting | unauthorized | closed
+ *   "event"   detail EVENT               every event delivered on any subscription
+ *   "welcome" detail WELCOME
+ *   "error"   detail {code, message}     an error reply that no request or subscription claimed
+ */
+
+export const BACKOFF_START_MS = 1000;
+export const BACKOFF_CAP_MS = 30000;
+export const STABLE_AFTER_MS = 10000; // connected this long: the backoff starts over
+const UNAUTHORIZED = 4001; // the server's close code for a refused token
+const SUB_ID = "sub-"; // subscribe requests carry id "sub-N" so a refusal finds its subscription
+
+/** An `error` reply: `code` is the protocol's error code. */
+export class OrderlogError extends Error {
+  constructor(code, message, details) {
+    super(`${code}: ${message}`);
+    this.name = "OrderlogError";
+    this.code = code;
+    this.details = details || {};
+  }
+}
+
+/** A random hex id (works outside secure contexts too, unlike crypto.randomUUID). */
+export function randomId(bytes = 16) {
+  const buf = new Uint8Array(bytes);
+  crypto.getRandomValues(buf);
+  return Array.from(buf, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The WebSocket URL of the server that served this page (same host and port, /v1/ws). */
+export function defaultUrl(location = globalThis.location) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/v1/ws`;
+}
+
+class Subscription {
+  constructor(client, channel, since, requestId, options) {
+    this.client = client;
+    this.channel = channel;
+    this.last = since; // the last seq delivered (null: live only, until `subscribed` says where)
+    this.requestId = requestId;
+    this.onEvent = options.onEvent || null;
+    this.onLive = options.onLive || null;
+    this.onError = options.onError || null;
+    this.onSubscribed = options.onSubscribed || null;
+    this.resubscribing = false; // a resubscribe is on its way: ignore events until it is answered
+    this.resumed = false; // the next `subscribed` answers a resubscribe after a reconnect
+  }
+
+  /** Stop this subscription (sends `unsubscribe` if connected). */
+  close() {
+    this.client.unsubscribe(this.channel);
+  }
+}
+
+export class OrderlogClient extends EventTarget {
+  /**
+   * @param {string} url      ws:// or wss:// URL of the /v1/ws endpoint
+   * @param {string} token    a JWT, sent as ?token= (browsers cannot set headers)
+   * @param {object} options  onStatus(status), backoffStart, backoffCap, stableAfter (ms),
+   *                          WebSocket (a constructor, for tests)
+   */
+  constructor(url, token, options = {}) {
+    super();
+    this.url = url;
+    this.token = token;
+    this.onStatus = options.onStatus || null;
+    this.backoffStart = options.backoffStart ?? BACKOFF_START_MS;
+    this.backoffCap = options.backoffCap ?? BACKOFF_CAP_MS;
+    this.stableAfter = options.stableAfter ?? STABLE_AFTER_MS;
+    this.WebSocket = options.WebSocket || globalThis.WebSocket;
+    this.welcome = null;
+    this.logId = null; // the welcome's log_id, sent with every resubscribe
+    this.status = { state: "closed", text: "not connected" };
+    this._ws = null;
+    this._ready = false; // welcome received on the current socket
+    this._stopped = true;
+    this._attempt = 0;
+    this._timer = null;
+    this._everConnected = false;
+    this._subs = new Map(); // channel -> Subscription
+    this._pending = new Map(); // request id -> {frame, resolve, reject}
+    this._nextId = 1;
+  }
+
+  // -- lifecycle -----------------------------------------------------------------------
+
+  /** Connect, and keep reconnecting until close() or a refused token. */
+  start() {
+    if (!this._stopped) return this;
+    this._stopped = false;
+    this._attempt = 0;
+    this._open();
+    return this;
+  }
+
+  /** Close for good: no reconnect; unanswered requests are rejected. */
+  close() {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._timer = null;
+    const ws = this._ws;
+    this._ws = null;
+    this._ready = false;
+    if (ws) ws.close(1000, "client closed");
+    this._rejectAll(new OrderlogError("closed", "the client was closed"));
+    this._setStatus({ state: "closed", text: "not connected" });
+  }
+
+  /** Skip the rest of the backoff wait and try now. */
+  reconnectNow() {
+    if (this._stopped || this._ws) return;
+    clearTimeout(this._timer);
+    this._timer = null;
+    this._open();
+  }
+
+  /** Use a new token: sent in band now if connected (a new welcome follows), else on connect. */
+  setToken(token) {
+    this.token = token;
+    if (this._ready) this._send({ type: "auth", token });
+  }
+
+  // -- requests ------------------------------------------------------------------------
+
+  /**
+   * Subscribe to a channel (`orders`, `inventory` or `order:<id>`) after seq `since`
+   * (omit it for live only). Callbacks: onEvent(event), onLive(seq), onSubscribed(reply),
+   * onError(OrderlogError): a refused subscribe, e.g. resync_required, ends the subscription.
+   */
+  subscribe(channel, options = {}) {
+    if (this._subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
+    const since = options.since ?? null;
+    const sub = new Subscription(this, channel, since, `${SUB_ID}${this._nextId++}`, options);
+    this._subs.set(channel, sub);
+    if (this._ready) this._send(this._subscribeFrame(sub));
+    return sub;
+  }
+
+  unsubscribe(channel) {
+    if (this._subs.delete(channel) && this._ready) this._send({ type: "unsubscribe", channel });
+  }
+
+  /** Send a command; resolves with its `ack`, rejects with OrderlogError. */
+  command(name, { orderId, data, expectedVersion, id } = {}) {
+    const frame = { type: "command", id: id || randomId(), name };
+    if (orderId !== undefined && orderId !== null) frame.order_id = orderId;
+    if (data !== undefined && data !== null) frame.data = data;
+    if (expectedVersion !== undefined && expectedVersion !== null) frame.expected_version = expectedVersion;
+    return this.request(frame);
+  }
+
+  /** The current state of an order: resolves with the `order` object. */
+  async getOrder(orderId) {
+    return (await this.request({ type: "get", order_id: orderId })).order;
+  }
+
+  /** The current stock of a sku: resolves with the `stock` object. */
+  async getStock(sku) {
+    return (await this.request({ type: "get", sku })).stock;
+  }
+
+  /** Any request; resolves with its reply, rejects with OrderlogError. Resent after a reconnect. */
+  request(frame) {
+    frame = { ...frame };
+    if (!frame.id) frame.id = `r${this._nextId++}`;
+    return new Promise((resolve, reject) => {
+      this._pending.set(frame.id, { frame, resolve, reject });
+      if (this._ready) this._send(frame);
+    });
+  }
+
+  // -- the connection ------------------------------------------------------------------
+
+  _open() {
+    this._timer = null;
+    const sep = this.url.includes("?") ? "&" : "?";
+    let ws;
+    try {
+      ws = new this.WebSocket(`${this.url}${sep}token=${encodeURIComponent(this.token)}`);
+    } catch (err) {
+      this._scheduleReconnect(null, `cannot connect: ${err.message}`);
+      return;
+    }
+    this._ws = ws;
+    this._ready = false;
+    let openedAt = null;
+    this._setStatus({ state: "connecting", text: this._everConnected ? "reconnecting…" : "connecting…" });
+    ws.onopen = () => {
+      openedAt = Date.now();
+    };
+    ws.onmessage = (message) => {
+      if (ws === this._ws) this._receive(message.data);
+    };
+    ws.onerror = () => {}; // a close event always follows
+    ws.onclose = (close) => {
+      if (ws !== this._ws) return;
+      this._ws = null;
+      this._ready = false;
+      if (close.code === UNAUTHORIZED) {
+        this._stopped = true;
+        const reason = close.reason || "authentication failed";
+        this._rejectAll(new OrderlogError("unauthorized", reason));
+        this._setStatus({ state: "unauthorized", text: `signed out: ${reason}`, reason });
+        return;
+      }
+      if (this._stopped) return;
+      if (openedAt !== null && Date.now() - openedAt >= this.stableAfter) this._attempt = 0;
+      this._scheduleReconnect(close.code, close.reason);
+    };
+  }
+
+  _scheduleReconnect(code, reason) {
+    const base = Math.min(this.backoffCap, this.backoffStart * 2 ** this._attempt);
+    const delay = base / 2 + Math.random() * (base / 2); // jitter: between half and all of it
+    this._attempt = Math.min(this._attempt + 1, 30);
+    const at = Date.now() + delay;
+    this._setStatus({
+      state: "reconnecting",
+      text: `reconnecting in ${Math.ceil(delay / 1000)} s`,
+      delay,
+      at,
+      code,
+      reason,
+    });
+    this._timer = setTimeout(() => this._open(), delay);
+  }
+
+  _subscribeFrame(sub) {
+    const frame = { type: "subscribe", id: sub.requestId, channel: sub.channel };
+    if (sub.last !== null) {
+      frame.since = sub.last;
+      if (this.logId !== null) frame.log_id = this.logId;
+    }
+    return frame;
+  }
+
+  _send(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return; // resent on reconnect
+    ws.send(JSON.stringify(frame));
+  }
+
+  _receive(text) {
+    let message;
+    try {
+      message = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (message === null || typeof message !== "object") return;
+    const { type } = message;
+    if (typeof message.seq === "number" && "prev" in message && typeof message.channel === "string") {
+      this._deliver(message);
+      return;
+    }
+    if (type === "welcome") {
+      this._welcome(message);
+      return;
+    }
+    if (type === "live") {
+      const sub = this._subs.get(message.channel);
+      if (sub && sub.onLive) sub.onLive(message.seq);
+      this.dispatchEvent(new CustomEvent("live", { detail: message }));
+      return;
+    }
+    const id = message.id;
+    if (typeof id === "string" && id.startsWith(SUB_ID)) {
+      this._subscribeReply(id, message);
+      return;
+    }
+    const pending = typeof id === "string" ? this._pending.get(id) : undefined;
+    if (pending) {
+      this._pending.delete(id);
+      if (type === "error") pending.reject(new OrderlogError(message.code, message.message || "", message.details));
+      else pending.resolve(message);
+    } else if (type === "error") {
+      this.dispatchEvent(new CustomEvent("error", { detail: message }));
+    }
+  }
+
+  _welcome(welcome) {
+    const first = this.welcome === null && !this._everConnected;
+    this.welcome = welcome;
+    this.dispatchEvent(new CustomEvent("welcome", { detail: welcome }));
+    if (this._ready) return; // a refreshed token: same connection, nothing to resend
+    this._ready = true;
+    this._everConnected = true;
+    if (this.logId === null) this.logId = welcome.log_id;
+    this._setStatus({ state: "connected", text: "connected", head: welcome.head, user: welcome.user, role: welcome.role });
+    for (const sub of this._subs.values()) {
+      sub.resubscribing = false;
+      sub.resumed = !first && sub.last !== null;
+      this._send(this._subscribeFrame(sub));
+    }
+    for (const pending of this._pending.values()) this._send(pending.frame);
+  }
+
+  _subscribeReply(id, message) {
+    let sub = null;
+    for (const s of this._subs.values()) if (s.requestId === id) sub = s;
+    if (!sub) return;
+    if (message.type === "error") {
+      this._subs.delete(sub.channel);
+      if (message.code === "resync_required") {
+        // Our history is another log's: adopt this one; the app starts over from since 0.
+        this.logId = (this.welcome && this.welcome.log_id) || null;
+      }
+      const error = new OrderlogError(message.code, message.message || "", message.details);
+      if (sub.onError) sub.onError(error);
+      else this.dispatchEvent(new CustomEvent("error", { detail: message }));
+      return;
+    }
+    if (message.type !== "subscribed") return;
+    sub.resubscribing = false;
+    if (sub.last === null) sub.last = message.since; // live only: resume from here later
+    if (sub.onSubscribed) sub.onSubscribed(message);
+    if (sub.resumed) {
+      sub.resumed = false;
+      this._setStatus({
+        state: "resumed",
+        text: `resumed from seq ${message.since}`,
+        channel: sub.channel,
+        seq: message.since,
+        head: message.head,
+      });
+    }
+  }
+
+  _deliver(event) {
+    const sub = this._subs.get(event.channel);
+    if (!sub) return;
+    if (sub.last !== null && event.seq <= sub.last) return; // a duplicate after a resubscribe
+    if (sub.last !== null && event.prev !== sub.last) {
+      // A hole that may hide an event meant for us: resume from what we hold.
+      if (!sub.resubscribing) {
+        sub.resubscribing = true;
+        this._send(this._subscribeFrame(sub));
+      }
+      return;
+    }
+    sub.last = event.seq;
+    if (sub.onEvent) sub.onEvent(event);
+    this.dispatchEvent(new CustomEvent("event", { detail: event }));
+  }
+
+  _rejectAll(error) {
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) p.reject(error);
+  }
+
+  _setStatus(status) {
+    this.status = status;
+    if (this.onStatus) this.onStatus(status);
+    this.dispatchEvent(new CustomEvent("status", { detail: status }));
+  }
+}

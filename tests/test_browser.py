@@ -1,0 +1,225 @@
+"""The dashboard and orderlog.js in a real headless browser (Debian's chromium driven by Playwright).
+
+The server runs as a real `orderlog serve` subprocess, so the test can stop it and start it
+again on the same port and database while the page stays open. Orders are placed from Python
+(through orderlog.client, or straight into the SQLite file while the server is down).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from orderlog.auth import mint
+from orderlog.client import connect
+from orderlog.domain import Command, Principal
+from orderlog.store import Request, Store
+
+from conftest import cli_env
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-features=LocalNetworkAccessChecks",
+]
+SECRET = "browser-test-secret-0123456789-abcdef"
+START_TIMEOUT = 20.0  # seconds for `orderlog serve` to say it listens
+PAGE_TIMEOUT = 15_000  # ms for anything on the page (a reconnect waits up to 4 s of backoff)
+SCREENSHOT = Path("/tmp/orderlog-dashboard.png")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m orderlog.cli serve` on a fixed port, started and stopped by the test."""
+
+    def __init__(self, db: Path, port: int):
+        self.db, self.port = db, port
+        self.proc: subprocess.Popen | None = None
+        self.log: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orderlog.cli", "serve", "--db", str(self.db), "--port", str(self.port),
+             "--jwt-secret", SECRET],
+            env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, cwd=self.db.parent,
+        )
+        listening = threading.Event()
+
+        def read(stream) -> None:
+            for line in stream:
+                self.log.append(line)
+                if "event=listening" in line:
+                    listening.set()
+
+        threading.Thread(target=read, args=(self.proc.stderr,), daemon=True).start()
+        if not listening.wait(START_TIMEOUT):
+            self.stop()
+            raise AssertionError("the server did not start:\n" + "".join(self.log))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise AssertionError("the server did not stop within 15 s of SIGTERM")
+        finally:
+            self.proc = None
+        assert code == 0, "".join(self.log)
+
+
+def token(sub: str, role: str) -> str:
+    return mint(sub, role, 600, time.time(), SECRET, "HS256")
+
+
+def send_commands(url: str, sub: str, role: str, commands: list[tuple[str, str | None, dict]]) -> list[dict]:
+    """Send commands through the Python client (each waits for its ack); return the acks."""
+
+    async def main() -> list[dict]:
+        with trio.fail_after(10):
+            async with connect(url, token(sub, role)) as client:
+                return [await client.command(name, order_id=order_id, data=data)
+                        for name, order_id, data in commands]
+
+    return trio.run(main)
+
+
+def place_directly(db: Path, user: str, order_id: str) -> None:
+    """Place an order through the store's command path while no server runs."""
+    store = Store.open(str(db))
+    try:
+        command = Command("place_order", uuid.uuid4().hex, order_id,
+                          data={"items": [{"sku": "kibble", "quantity": 1}]})
+        [outcome] = store.execute_batch([Request(Principal(user, "customer"), command, "2026-11-25T17:00:00.000Z")])
+        assert hasattr(outcome, "seq"), outcome
+    finally:
+        store.close()
+
+
+def order(sku: str = "kibble", quantity: int = 2) -> dict:
+    return {"items": [{"sku": sku, "quantity": quantity}]}
+
+
+@pytest.fixture
+def browser():
+    """A headless Debian chromium under Playwright (the test fails if it is missing)."""
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: .ci/run installs Debian's chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_dashboard_shows_live_orders_and_resumes_after_a_restart(tmp_path: Path, browser) -> None:
+    """The dashboard shows orders live, drives a staff action, and after a server restart resumes with the order placed while it was down and no duplicate row."""
+    from playwright.sync_api import expect
+
+    db = tmp_path / "orderlog.db"
+    server = ServerProcess(db, free_port())
+    server.start()
+    try:
+        send_commands(server.url, "s1", "staff",
+                      [("add_stock", None, {"sku": "kibble", "quantity": 100, "name": "Kibble 2 kg"}),
+                       ("add_stock", None, {"sku": "catnip", "quantity": 4, "name": "Catnip"})])
+        send_commands(server.url, "alice", "customer", [("place_order", "o-alice-1", order())])
+
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(PAGE_TIMEOUT)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"http://127.0.0.1:{server.port}/dashboard")
+
+        # Sign in: the token goes to sessionStorage, never to the address bar.
+        staff_token = token("s1", "staff")
+        page.fill("#token", staff_token)
+        page.click("#sign-in-form button[type=submit]")
+        expect(page.locator("#connection-text")).to_have_text("connected")
+        assert staff_token not in page.url
+        assert page.evaluate("sessionStorage.getItem('orderlog.token')") == staff_token
+        rows = page.locator("#orders tbody tr")
+        expect(page.locator('tr[data-order-id="o-alice-1"]')).to_have_attribute("data-status", "placed")
+        expect(page.locator('#stock tr[data-sku="kibble"] td').nth(1)).to_have_text("98")
+
+        # An order placed from Python appears live.
+        send_commands(server.url, "bob", "customer", [("place_order", "o-bob-1", order("catnip", 1))])
+        expect(page.locator('tr[data-order-id="o-bob-1"]')).to_have_attribute("data-status", "placed")
+        expect(page.locator('#stock tr[data-sku="catnip"] td').nth(1)).to_have_text("3")
+
+        # Staff buttons send commands; the row follows the event.
+        page.click('tr[data-order-id="o-alice-1"] button[data-action="approve"]')
+        expect(page.locator('tr[data-order-id="o-alice-1"]')).to_have_attribute("data-status", "approved")
+        expect(page.locator('tr[data-order-id="o-alice-1"] button[data-action="ship"]')).to_be_visible()
+
+        # Stop the server: the page says it is reconnecting.
+        server.stop()
+        expect(page.locator("#connection-text")).to_contain_text("reconnecting in")
+        reader = Store.open(str(db), readonly=True)
+        head_before = reader.head()
+        reader.close()
+
+        # An order placed while the server is down (straight into the log).
+        place_directly(db, "carol", "o-carol-1")
+
+        # Start it again on the same port and file: the page resumes and shows the missed order.
+        server.start()
+        expect(page.locator('tr[data-order-id="o-carol-1"]')).to_have_attribute("data-status", "placed")
+        expect(page.locator("#connection-text")).to_have_text(f"resumed from seq {head_before}")
+        send_commands(server.url, "dave", "customer", [("place_order", "o-dave-1", order())])
+        expect(page.locator('tr[data-order-id="o-dave-1"]')).to_be_visible()
+        expect(page.locator('#stock tr[data-sku="kibble"] td').nth(1)).to_have_text("95")
+
+        ids = [rows.nth(i).get_attribute("data-order-id") for i in range(rows.count())]
+        assert sorted(ids) == ["o-alice-1", "o-bob-1", "o-carol-1", "o-dave-1"], ids
+        expect(page.locator('.tile[data-status="all"] .n')).to_have_text("4")
+        assert staff_token not in page.url
+        assert errors == []
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+    finally:
+        server.stop()
+
+
+def test_dashboard_refused_token_shows_sign_in(tmp_path: Path, browser) -> None:
+    """A token the server refuses (4001) brings back the sign-in form with the reason and clears the stored token."""
+    from playwright.sync_api import expect
+
+    server = ServerProcess(tmp_path / "orderlog.db", free_port())
+    server.start()
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.fill("#token", mint("eve", "staff", 600, time.time(), "another-secret-0123456789-abcdefgh", "HS256"))
+        page.click("#sign-in-form button[type=submit]")
+        expect(page.locator("#sign-in-error")).to_contain_text("invalid token")
+        expect(page.locator("#sign-in")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('orderlog.token')") is None
+    finally:
+        server.stop()
