@@ -290,8 +290,22 @@ class Service:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self._run_batch(batch)
+                if not batch and self.write_error is not None:
+                    await self._probe_writable()
         finally:
             self.writer_alive = False
+
+    async def _probe_writable(self) -> None:
+        """While commits fail, try an empty one on each idle turn, so that /healthz recovers when
+        the fault clears even if no command arrives (a load balancer that took us out on 503
+        sends none)."""
+        try:
+            await trio.to_thread.run_sync(self.store.probe_writable)
+        except Unavailable as exc:
+            self.write_error = str(exc)
+        else:
+            log.info("event=commit.recovered")
+            self.write_error = None
 
     async def _run_batch(self, batch: list[Pending]) -> None:
         requests = [p.request for p in batch]

@@ -479,6 +479,22 @@ class Store:
             self._rollback()
             raise
 
+    def probe_writable(self) -> None:
+        """Commit a transaction that leaves no trace (a row inserted and deleted again) to learn
+        whether the file takes writes again; raise Unavailable if it does not.
+
+        A no-op UPDATE would not do: SQLite skips writing a row that did not change, so the
+        commit would touch no page and succeed on a full disk.
+        """
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('write_probe', '')")
+            self.conn.execute("DELETE FROM meta WHERE key = 'write_probe'")
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise Unavailable(_sqlite_reason(exc)) from None
+
     def _rollback(self) -> None:
         try:
             if self.conn.in_transaction:
