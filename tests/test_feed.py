@@ -167,9 +167,10 @@ async def test_live_marker_under_concurrent_appends(tmp_path):
                 subs = {}
                 for channel in ("orders", "inventory"):
                     subs[channel] = await reader.subscribe(channel, since=0)
-                frames = await reader.until(lambda f: f["type"] == "live" and f["channel"] == "inventory", 20)
-                frames += await reader.until(lambda f: f["type"] == "live" and f["channel"] == "orders", 20) \
-                    if not any(f["type"] == "live" and f["channel"] == "orders" for f in frames) else []
+                frames: list[dict] = []
+                for channel in ("inventory", "orders"):
+                    if not any(f["type"] == "live" and f["channel"] == channel for f in frames):
+                        frames += await reader.until(lambda f, c=channel: f["type"] == "live" and f["channel"] == c, 20)
                 done.set()
             head = (await reader.ping())["head"]
             log = await query_all(reader)
