@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import signal
 import ssl
 import time
@@ -345,6 +346,8 @@ class Service:
             with trio.move_on_after(settings.handshake_timeout):
                 try:
                     head = await http.read_head(stream)
+                    if head is not None and _head_size(head.raw) > http.MAX_HEAD_BYTES:
+                        raise http.BadHead(431, "request head too large")
                 except http.BadHead as exc:
                     await stream.send_all(http.response(exc.status, f"{exc}\n".encode()))
                     head = None
@@ -418,6 +421,13 @@ def _outcome_label(outcome: Ack | Rejected) -> str:
     if isinstance(outcome, Ack):
         return "duplicate" if outcome.duplicate else "ack"
     return outcome.code
+
+
+def _head_size(raw: bytes) -> int:
+    """Bytes of the request head at the start of `raw`. h11 enforces its size limit only on a
+    head still incomplete, so a larger one that arrives in a single read gets through it."""
+    end = re.search(rb"\r?\n\r?\n", raw)
+    return len(raw) if end is None else end.end()
 
 
 def _handshake_token(query: str, authorization: str | None) -> str | None:

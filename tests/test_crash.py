@@ -48,9 +48,10 @@ def _raise_nofile() -> None:
 class ServerProcess:
     """`python -m orderlog.cli serve` on port 0 in a subprocess; its stderr is kept line by line."""
 
-    def __init__(self, db: Path | str, *extra: str, secret: str = SECRET, env: dict[str, str] | None = None):
+    def __init__(self, db: Path | str, *extra: str, secret: str | None = SECRET, env: dict[str, str] | None = None):
+        """Start it; `secret` None leaves the key flags to `extra` (e.g. --jwt-public-key)."""
         self.args = [sys.executable, "-m", "orderlog.cli", "serve", "--db", str(db), "--port", "0",
-                     "--jwt-secret", secret, *extra]
+                     *(["--jwt-secret", secret] if secret is not None else []), *extra]
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env or cli_env(), preexec_fn=_raise_nofile)
         self.lines: list[str] = []
