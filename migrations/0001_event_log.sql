@@ -61,7 +61,6 @@ CREATE TABLE orders (
     updated_at TEXT    NOT NULL,
     last_seq   INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX orders_customer ON orders (customer);
 
 CREATE TABLE stock (
     sku       TEXT PRIMARY KEY,

@@ -31,7 +31,7 @@ from .store import Filter, Store, StoreError, dumps, event_json, format_time, mi
 DEFAULT_DB = "orderlog.db"
 DB_ENV = "ORDERLOG_DB"
 EXPORT_PAGE = 5000  # events read per query while exporting
-DEFAULT_SEED_BATCH = 500  # commands per transaction while seeding
+DEFAULT_SEED_BATCH = 2000  # commands per transaction while seeding (the server batches up to 2000 too)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE

@@ -17,7 +17,8 @@ section 2): ``bad_request``, ``forbidden`` (decided from the role alone, before 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping  # not typing.Mapping: isinstance on it is several times faster
+from typing import Any
 
 import attrs
 
@@ -425,14 +426,17 @@ def evolve_order(order: Order | None, event: Event) -> Order | None:
         )
     if order is None:
         raise ValueError(f"seq {event.seq}: {event.type} for an order that was never created")
-    changes: dict[str, Any] = {"version": event.version, "updated_at": event.at, "last_seq": event.seq}
+    status, ship_to, note = order.status, order.ship_to, order.note
     if event.type == "order-updated":
-        changes.update(_optional(data, "ship_to", "note"))
+        ship_to = data.get("ship_to", ship_to)
+        note = data.get("note", note)
     elif event.type in STATUS_AFTER:
-        changes["status"] = STATUS_AFTER[event.type]
+        status = STATUS_AFTER[event.type]
     else:
         raise ValueError(f"seq {event.seq}: unknown order event type {event.type!r}")
-    return attrs.evolve(order, **changes)
+    # Built directly rather than with attrs.evolve: this runs once per order event in rebuilds.
+    return Order(order.order_id, order.customer, status, order.items, ship_to, note, event.version,
+                 order.created_at, event.at, event.seq)
 
 
 def evolve_stock(stock: Stock | None, event: Event) -> Stock:
