@@ -748,3 +748,99 @@ async def test_subscribe_again_during_a_long_replay(tmp_path):
                     "frames of the replaced subscription after the new one's live"
                 staff.inbox.clear()
                 await staff.request({"type": "unsubscribe", "channel": "orders"})
+
+
+async def test_many_subscribers_under_concurrent_writers_each_get_their_exact_feed(tmp_path):
+    """Many customers, staff and an auditor subscribed at different moments while several writers run: each
+    receives exactly its visible events (customers: own orders, redacted inventory), chained, with one `live`."""
+    async with running_server(tmp_path, **UNLIMITED) as (url, _, _):
+        customers = [f"cust-{i}" for i in range(5)]
+        async with session(url, "staff-0", "staff") as staff:
+            await stock_up(staff, {"kibble": 100_000, "toy": 100_000})
+            order_ids: list[str] = []
+
+            async def customer_writer(user: str) -> None:
+                async with session(url, user) as client:
+                    for i in range(25):
+                        order_id = f"{user}-o{i}"
+                        await client.ok("place_order", order_id, {"items": [{"sku": "kibble", "quantity": 1},
+                                                                            {"sku": "toy", "quantity": 2}]})
+                        order_ids.append(order_id)
+                        if i % 4 == 3:
+                            await client.ok("cancel_order", order_id)
+
+            async def staff_writer() -> None:
+                async with session(url, "staff-w", "staff") as client:
+                    for _ in range(60):
+                        if order_ids:
+                            reply = await client.command("approve_order", order_ids[len(order_ids) // 2])
+                            assert reply["type"] == "ack" or reply["code"] == "invalid_state", reply
+                        await client.ok("add_stock", data={"sku": "toy", "quantity": 1})
+                        await trio.sleep(0.002)
+
+            subscribers: list[tuple[Client, str, int]] = []  # client, channel, since
+
+            async def subscriber(user: str, role: str, delay: float, opened: list) -> None:
+                await trio.sleep(delay)
+                async with session(url, user, role) as client:
+                    for channel in ("orders", "inventory"):
+                        head = (await client.ping())["head"]
+                        since = head // 2
+                        reply = await client.subscribe(channel, since=since)
+                        assert reply["type"] == "subscribed"
+                        subscribers.append((client, channel, since))
+                    opened.append(client)
+                    await done.wait()
+                    await finished.wait()
+
+            done, finished = trio.Event(), trio.Event()
+            async with trio.open_nursery() as nursery:
+                opened: list = []
+                users = [(u, "customer") for u in customers] + [("staff-r", "staff"), ("audit-r", "auditor")]
+                for n, (user, role) in enumerate(users):
+                    nursery.start_soon(subscriber, user, role, 0.02 * n, opened)
+                async with trio.open_nursery() as writers:
+                    for user in customers:
+                        writers.start_soon(customer_writer, user)
+                    writers.start_soon(staff_writer)
+                with trio.fail_after(TIMEOUT):
+                    while len(opened) < len(users):
+                        await trio.sleep(0.01)
+                done.set()
+                log = await query_all(staff)
+                head = log[-1]["seq"]
+                owner = {e["stream"][6:]: e["data"]["customer"] for e in log if e["type"] == "order-created"}
+                for client, channel, since in subscribers:
+                    prefix = "order:" if channel == "orders" else "sku:"
+                    user, role = client.welcome["user"], client.welcome["role"]
+                    expected = []
+                    for e in log:
+                        if e["seq"] <= since or not e["stream"].startswith(prefix):
+                            continue
+                        if role == "customer" and channel == "orders" and owner[e["stream"][6:]] != user:
+                            continue
+                        order_id = e["data"].get("order_id")
+                        if role == "customer" and order_id is not None and owner[order_id] != user:
+                            e = {**e, "data": {k: v for k, v in e["data"].items() if k != "order_id"}}
+                        expected.append(e)
+                    last = expected[-1]["seq"] if expected else None
+                    frames = [f for f in client.inbox if f.get("channel") == channel]
+                    client.inbox = [f for f in client.inbox if f.get("channel") != channel]
+                    if last is not None and not any(f.get("seq") == last and f["type"] in EVENT_TYPES for f in frames):
+                        more = await client.until(lambda f, c=channel, s=last: f.get("channel") == c
+                                                  and f["type"] in EVENT_TYPES and f["seq"] == s, 20)
+                        client.inbox += [f for f in more if f.get("channel") != channel]
+                        frames += [f for f in more if f.get("channel") == channel]
+                    if not any(f["type"] == "live" for f in frames):
+                        more = await client.until(lambda f, c=channel: f.get("channel") == c and f["type"] == "live")
+                        client.inbox += [f for f in more if f.get("channel") != channel]
+                        frames += [f for f in more if f.get("channel") == channel]
+                    events = [f for f in frames if f["type"] in EVENT_TYPES]
+                    assert [as_event(f) for f in events] == expected, (user, channel, since)
+                    assert_chain(events, since)
+                    assert [f["type"] for f in frames].count("live") == 1, (user, channel)
+                for client in opened:
+                    await client.ping()
+                    assert not [f for f in client.inbox if f["type"] in EVENT_TYPES], client.welcome["user"]
+                assert head == (await staff.ping())["head"]
+                finished.set()
