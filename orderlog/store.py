@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import logging
 import os
 import re
 import secrets
@@ -39,6 +40,8 @@ from .domain import (
     order_of_event,
     stream_of,
 )
+
+log = logging.getLogger("orderlog")
 
 ZERO_HASH = bytes(32)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -522,6 +525,11 @@ class Store:
                 new_events = decide(request.command, request.principal, state)
             except Rejected as rejection:
                 outcomes.append(rejection)
+                continue
+            except Exception:
+                # A bug, not the client's fault: this command fails alone, its neighbours go on.
+                log.exception("event=decide.crashed actor=%r command=%r", key[0], request.command.name)
+                outcomes.append(Rejected("internal", "internal error; the command was not applied"))
                 continue
             events: list[Event] = []
             texts: list[str] = []
