@@ -1,7 +1,8 @@
 """The service's subcommands: `serve`, `token` and `tail`, registered into the main CLI.
 
-Settings come from flags, then `ORDERLOG_*` environment variables, then the defaults in
-`server.Settings`. Errors in them are one line and exit code 2.
+Settings come from flags, then `ORDERLOG_*` environment variables, then the settings file
+(`--config FILE`, see `config`), then the defaults in `server.Settings`. Errors in them are one
+line and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from functools import partial
 from typing import Any, Callable
 
-from . import auth
+from . import auth, config
 from .auth import ALGORITHMS, Keys
 from .server import Settings
 from .store import StoreError
@@ -148,8 +149,13 @@ def _read_key(path: str, what: str) -> str:
         raise UsageError(f"{what} {path}: {exc.strerror}") from None
 
 
-def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool) -> tuple[Keys, str | None]:
-    """The token-checking keys from flags/environment; returns (keys, note for the user)."""
+def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool,
+                 load_secret: bool = True) -> tuple[Keys, str | None]:
+    """The token-checking keys from flags/environment; returns (keys, note for the user).
+
+    With `load_secret` False, a missing HS256 secret is left as None instead of being read
+    from (or created next to) the database: for `--print-config`, which touches no file.
+    """
     algorithm = _pick(args.jwt_algorithm, "JWT_ALGORITHM", str, "HS256").upper()
     if algorithm not in ALGORITHMS:
         raise UsageError(f"--jwt-algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
@@ -161,6 +167,8 @@ def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool) -> tupl
     if algorithm == "HS256":
         if public_key_file:
             raise UsageError("--jwt-public-key goes with --jwt-algorithm RS256 or ES256, not HS256")
+        if secret is None and not load_secret:
+            return Keys("HS256", None, audience, issuer), None
         if secret is None:
             secret, created = load_or_create_secret(db, create_secret)
             note = f"{'created' if created else 'using'} the JWT secret in {secret_path(db)}"
@@ -182,10 +190,10 @@ def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool) -> tupl
     return Keys(algorithm, key, audience, issuer), None
 
 
-def settings_from(args: argparse.Namespace) -> tuple[Settings, str | None]:
+def settings_from(args: argparse.Namespace, load_secret: bool = True) -> tuple[Settings, str | None]:
     defaults = Settings()
     db = _pick(args.db, "DB", str, DEFAULT_DB)
-    keys, note = resolve_keys(args, db, create_secret=True)
+    keys, note = resolve_keys(args, db, create_secret=True, load_secret=load_secret)
     origins = args.allow_origin or [o.strip() for o in (_env("ALLOW_ORIGIN") or "").split(",") if o.strip()]
     tls_cert = _pick(args.tls_cert, "TLS_CERT")
     tls_key = _pick(args.tls_key, "TLS_KEY")
@@ -215,6 +223,78 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, str | None]:
     return settings, note
 
 
+# -- the settings file ---------------------------------------------------------------------
+
+# How a file value becomes a flag value: the same checks as the flag's (None: taken as is).
+FILE_CONVERT: dict[str, Callable[[str], Any] | None] = {
+    "port": _port, "max_message_size": _positive_int, "max_connections": _positive_int,
+    "rate_limit": _positive_float, "auth_timeout": _seconds, "ping_interval": _seconds,
+}
+TOKEN_FILE_KEYS = ("db", "jwt_secret", "jwt_algorithm", "jwt_audience", "jwt_issuer")
+
+
+def apply_config(args: argparse.Namespace, keys: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Fill the flags not given from the settings file, unless the environment sets them.
+
+    The file is `--config FILE` or $ORDERLOG_CONFIG. Only `keys` are applied (the file may hold
+    keys of other subcommands). Returns where each key's value comes from, for --print-config.
+    """
+    path = getattr(args, "config", None) or os.environ.get(config.CONFIG_ENV) or None
+    try:
+        values = config.load(path) if path else {}
+    except config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    sources: dict[str, str] = {}
+    for key in keys:
+        if getattr(args, key, None) is not None:
+            sources[key] = "flag"
+        elif _env(key.upper()) is not None:
+            sources[key] = f"env {config.env_name(key)}"
+        elif key in values:
+            value = values[key]
+            convert = FILE_CONVERT.get(key)
+            if convert is not None:
+                try:
+                    value = convert(str(value))
+                except ValueError as exc:
+                    raise UsageError(f"{path}: {key} = {config.toml_value(value)}: {exc}") from None
+            setattr(args, key, value)
+            sources[key] = f"file {path}"
+        else:
+            sources[key] = "default"
+    return sources
+
+
+def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
+    """`serve --print-config`: the settings `serve` would run with, as TOML, secrets masked."""
+    settings, _ = settings_from(args, load_secret=False)
+    keys = settings.keys
+    secret_note = (f"the secret kept in {secret_path(settings.db)} is used" if keys.algorithm == "HS256"
+                   else f"{keys.algorithm} checks tokens with jwt_public_key")
+    values: dict[str, Any] = {
+        "db": settings.db, "host": settings.host, "port": settings.port,
+        "jwt_algorithm": keys.algorithm,
+        "jwt_secret": keys.verify_key if keys.algorithm == "HS256" else None,
+        "jwt_public_key": _pick(args.jwt_public_key, "JWT_PUBLIC_KEY"),
+        "jwt_audience": keys.audience, "jwt_issuer": keys.issuer,
+        "allow_origin": list(settings.allow_origins) or None,
+        "tls_cert": settings.tls_cert, "tls_key": settings.tls_key,
+        "max_message_size": settings.max_message_size, "auth_timeout": settings.auth_timeout,
+        "ping_interval": settings.ping_interval, "max_connections": settings.max_connections,
+        "rate_limit": settings.rate_limit, "synchronous": settings.synchronous,
+        "log_level": (args.log_level or _env("LOG_LEVEL") or "INFO").upper(),
+    }
+    entries = []
+    for key in config.KEYS:
+        source = sources.get(key, "default")
+        if key == "jwt_secret" and values[key] is None:
+            source = secret_note
+        elif key == "allow_origin" and values[key] is None:
+            source = "any origin is allowed"
+        entries.append((key, values[key], source))
+    return config.render(entries)
+
+
 # -- serve ---------------------------------------------------------------------------------
 
 
@@ -223,6 +303,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server import serve
 
+    sources = apply_config(args, tuple(config.KEYS))
+    if args.print_config:
+        print(effective_config(args, sources))
+        return 0
     settings, note = settings_from(args)
     _setup_logging(args.log_level)
     logger = logging.getLogger("orderlog")
@@ -262,6 +346,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    apply_config(args, TOKEN_FILE_KEYS)
     db = _pick(args.db, "DB", str, DEFAULT_DB)
     algorithm = _pick(args.jwt_algorithm, "JWT_ALGORITHM", str, "HS256").upper()
     if algorithm not in ALGORITHMS:
@@ -343,7 +428,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     serve = subparsers.add_parser(
         "serve", help="run the WebSocket service",
         description="Run the order service: WebSocket endpoint ws://HOST:PORT/v1/ws on one SQLite file. "
-        "Every flag can also be set as an ORDERLOG_* environment variable (flag wins). With no key "
+        "Every flag can also be set as an ORDERLOG_* environment variable or as a key of the --config "
+        "file (flags > environment > file > defaults). With no key "
         "configured, a random HS256 secret is created next to the database (mode 0600) and reused.",
     )
     serve.add_argument("--db", help=f"database file, created if missing (env ORDERLOG_DB; default {DEFAULT_DB})")
@@ -368,6 +454,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     serve.add_argument("--synchronous", help="SQLite synchronous mode: FULL (default, durable on power loss), "
                        "NORMAL, OFF")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.add_argument("--config", metavar="FILE", help="TOML settings file, one key per flag (max_message_size = "
+                       "65536, ...); flags and ORDERLOG_* variables win over it (env ORDERLOG_CONFIG)")
+    serve.add_argument("--print-config", action="store_true",
+                       help="print the effective settings as TOML (secrets masked) and exit")
     serve.set_defaults(func=_one_line_errors(cmd_serve))
 
     token = subparsers.add_parser(
@@ -381,6 +471,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     token.add_argument("--ttl", type=_arg(_seconds), default=3600.0, metavar="DURATION",
                        help="lifetime, e.g. 30m, 1h, 7d (default 1h)")
     _jwt_flags(token, private=True)
+    token.add_argument("--config", metavar="FILE", help="the serve settings file, for db and the jwt_* keys "
+                       "(env ORDERLOG_CONFIG)")
     token.set_defaults(func=_one_line_errors(cmd_token))
 
     tail = subparsers.add_parser(
