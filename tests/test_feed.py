@@ -675,23 +675,31 @@ async def test_stalled_subscriber_slows_nobody_and_catches_up(tmp_path):
 
 
 async def test_refresh_to_a_customer_token_narrows_open_subscriptions(server):
-    """After an in-band refresh that makes the user a customer, its open `orders` feed carries only its own orders."""
+    """After an in-band refresh that makes the user a customer, its open feeds stop carrying others' orders and ids."""
     url, _, _ = server
     await small_history(url)
-    async with session(url, "u1", "staff") as user, session(url, "bob") as bob:
-        await user.subscribe("orders")
-        await user.live("orders")
+    async with session(url, "u1", "staff") as user, session(url, "bob") as bob, \
+            session(url, "staff-2", "staff") as staff:
+        await bob.ok("place_order", "bob-before", {"items": [{"sku": "toy", "quantity": 1}]})
+        for channel in ("orders", "order:bob-before", "inventory"):
+            await user.subscribe(channel)
+            await user.live(channel)
         welcome = await user.request({"type": "auth", "token": token("u1", "customer")})
         assert (welcome["type"], welcome["role"]) == ("welcome", "customer")
-        # The connection is now a customer's: another customer's new order must not reach it.
+        # The connection is now a customer's: another customer's orders must not reach it.
         await bob.ok("place_order", "bob-after-refresh", {"items": [{"sku": "toy", "quantity": 1}]})
+        await staff.ok("update_order", "bob-before", {"note": "staff note"})
         own = await user.ok("place_order", "u1-own", {"items": [{"sku": "toy", "quantity": 1}]})
         [event] = await user.events("orders", 1)
         await user.ping()
-        await assert_quiet(user.ws, 0.2)
-        leaked = [f for f in [event, *user.inbox] if f.get("stream") == "order:bob-after-refresh"]
+        await assert_quiet(user.ws, 0.3)
+        frames = [event, *user.inbox]
+        leaked = [f for f in frames if f.get("stream", "").startswith("order:bob-")
+                  or f.get("data", {}).get("order_id", "").startswith("bob-")]
         assert not leaked, f"a customer's feed carried another customer's order: {leaked}"
         assert (event["stream"], event["seq"]) == ("order:u1-own", own["seq"] - 1)
+        stock = [f for f in frames if f.get("channel") == "inventory"]
+        assert [f["data"].get("order_id") for f in stock] == [None, "u1-own"], stock
 
 
 async def test_stalled_subscriber_does_not_hold_up_shutdown(tmp_path):
