@@ -359,12 +359,12 @@ class Service:
             async with trio.open_nursery() as nursery:
                 writer = SocketWriter(stream)
                 nursery.start_soon(writer.run)
+                ws_stream = WriterStream(stream, writer, head.raw)
                 with trio.move_on_after(settings.handshake_timeout) as scope:
-                    request = await wrap_server_stream(nursery, WriterStream(stream, writer, head.raw),
-                                                       max_message_size=settings.max_message_size,
+                    request = await wrap_server_stream(nursery, ws_stream, max_message_size=settings.max_message_size,
                                                        receive_buffer_size=RECEIVE_BUFFER)
                 if not scope.cancelled_caught:
-                    await self.handle(request, writer)
+                    await self.handle(request, ws_stream, _remote_name(stream))
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
             pass
@@ -373,7 +373,7 @@ class Service:
                 scope.shield = True
                 await stream.aclose()
 
-    async def handle(self, request: WebSocketRequest, writer: SocketWriter) -> None:
+    async def handle(self, request: WebSocketRequest, stream: WriterStream, remote: str) -> None:
         """A WebSocket handshake: check path, origin and capacity, then run the connection."""
         target = urlsplit(request.path)
         if target.path != WS_PATH:
@@ -390,7 +390,8 @@ class Service:
             return
         token = _handshake_token(target.query, headers.get("authorization"))
         ws = await request.accept()
-        connection = Connection(self, ws, writer, next(self._ids), token)
+        stream.accepted.set()
+        connection = Connection(self, ws, stream.writer, next(self._ids), token, remote)
         self.connections.add(connection)
         self.metrics.connections.inc()
         try:
@@ -415,6 +416,16 @@ class Service:
             self.store.checkpoint()
         finally:
             self.store.close()
+
+
+def _remote_name(stream: trio.abc.Stream) -> str:
+    """`address:port` of the peer, for the logs."""
+    try:
+        sock = stream.socket if isinstance(stream, trio.SocketStream) else stream.transport_stream.socket
+        host, port = sock.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except (AttributeError, OSError, ValueError, TypeError):
+        return "-"
 
 
 def _outcome_label(outcome: Ack | Rejected) -> str:
@@ -464,7 +475,7 @@ class Subscription:
 
 class Connection:
     def __init__(self, service: Service, ws: WebSocketConnection, writer: SocketWriter, number: int,
-                 token: str | None):
+                 token: str | None, remote: str):
         self.service = service
         self.ws = ws
         self.writer = writer
@@ -482,8 +493,7 @@ class Connection:
         settings = service.settings
         self._tokens = float(settings.rate_burst)
         self._refilled = time.monotonic()
-        remote = ws.remote
-        self.remote = f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
+        self.remote = remote
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -842,6 +852,7 @@ async def serve(settings: Settings, *, stop: trio.Event | None = None, handle_si
     """Run the service until `stop` is set or SIGINT/SIGTERM arrives; `task_status.started(url)`
     once listening. Then: stop accepting, close every connection with 1001, let the writer
     finish what it was handed, checkpoint the WAL and return."""
+    _raise_fd_limit(settings.max_connections + 64)
     service = Service(settings)
     try:
         await _serve(service, stop if stop is not None else trio.Event(), handle_signals, task_status)
@@ -895,6 +906,19 @@ async def _wait_for_signal(stop: trio.Event) -> None:
             log.info("event=shutdown signal=%s", signal.Signals(signum).name)
             stop.set()
             return
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Let the process hold `wanted` sockets if the hard limit allows (the soft one is often 1024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _url_host(host: str) -> str:

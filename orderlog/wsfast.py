@@ -138,23 +138,34 @@ class SocketWriter:
 
 
 class WriterStream(trio.abc.HalfCloseableStream):
-    """The stream trio-websocket sees: reads from the socket (after `prefix`, the bytes already
-    read while routing the request), writes through the connection's SocketWriter."""
+    """The stream trio-websocket sees: reads from the socket, after replaying `prefix` (the bytes
+    already read while routing the request), and writes through the connection's SocketWriter.
+
+    Bytes that came right behind the request head (a client that sends its first frames without
+    waiting for the 101) are held back until `accepted` is set: trio-websocket only looks for
+    new frames after a read, so frames handed over before the accept would sit unread.
+    """
 
     def __init__(self, stream: trio.SocketStream, writer: SocketWriter, prefix: bytes = b""):
         self.stream = stream
         self.writer = writer
-        self._prefix = prefix
+        end = prefix.find(b"\r\n\r\n")
+        cut = end + 4 if end >= 0 else len(prefix)
+        self._head, self._trailing = prefix[:cut], prefix[cut:]
+        self.accepted = trio.Event()
 
     @property
     def socket(self):  # trio-websocket names the endpoints from it
         return self.stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
+        if self._head:
+            data, self._head = self._head, b""
             await trio.lowlevel.checkpoint()
+            return data
+        if self._trailing:
+            await self.accepted.wait()
+            data, self._trailing = self._trailing, b""
             return data
         return await self.stream.receive_some(max_bytes)
 
