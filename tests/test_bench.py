@@ -1,0 +1,83 @@
+"""`orderlog bench` smoke tests: every scenario at a tiny size against a real server passes its
+checks, and a feed with a gap is caught (by the checker alone, and end to end)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orderlog.bench_ws import EVENT_RE, Chain, client_frame, unmask
+
+from conftest import cli_env
+
+TINY = ["--clients", "6", "--subscribers", "20", "--events", "3000", "--connections", "40", "--rounds", "1",
+        "--stall-events", "3000", "--stall-seconds", "1", "--duration", "1", "--warmup", "0.3", "--drain", "10",
+        "--procs", "2", "--quiet", "--json"]
+
+
+def bench(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, dict, str]:
+    done = subprocess.run([sys.executable, "-m", "orderlog.cli", "bench", *args, "--cache-dir", str(tmp_path),
+                           "--scratch", str(tmp_path)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        report = {}
+    return done.returncode, report, done.stderr
+
+
+def test_chain_catches_gap_duplicate_and_reorder() -> None:
+    """A chain accepts prev == last seq held with seq > prev, and names anything else."""
+    chain = Chain("orders", 10)
+    assert chain.feed(12, 10) and chain.feed(15, 12)
+    assert chain.error is None and chain.count == 2
+    gap = Chain("orders", 10)
+    assert gap.feed(12, 10) and not gap.feed(20, 17)
+    assert "gap" in gap.error and "prev 17" in gap.error
+    duplicate = Chain("orders", 0)
+    assert duplicate.feed(1, 0) and duplicate.feed(2, 1) and not duplicate.feed(2, 1)
+    assert "duplicate" in duplicate.error
+    backwards = Chain("orders", 5)
+    assert not backwards.feed(5, 5)
+
+
+def test_frames_are_masked_and_events_parse() -> None:
+    """Client frames carry a mask that undoes to the payload; the event regex reads seq and prev."""
+    payload = b'{"type":"ping"}' * 20
+    frame = client_frame(payload)
+    assert frame[0] == 0x81 and frame[1] == 0x80 | 126
+    assert unmask(frame[4:]) == payload
+    event = bytearray(b'xx{"type":"order-created","channel":"orders","seq":124,"prev":97,"stream":"order:o-1","v":1}')
+    m = EVENT_RE.match(event, 2, len(event))
+    assert m and int(m.group(3)) == 124 and int(m.group(4)) == 97 and m.group(5) == b"order:o-1"
+
+
+def test_every_scenario_passes_at_a_tiny_size(tmp_path: Path) -> None:
+    """commands, fanout, replay, connections and stall finish against a real server, checks passing."""
+    code, report, stderr = bench(tmp_path, "all", *TINY)
+    assert code == 0, stderr[-2000:]
+    assert set(report["scenarios"]) == {"commands", "fanout", "replay", "connections", "stall"}
+    for name, scenario in report["scenarios"].items():
+        ours = scenario["targets"]["orderlog"]
+        assert scenario["ok"] and ours["ok"], (name, ours["runs"])
+    assert report["scenarios"]["commands"]["targets"]["orderlog"]["median"]["acks_per_s"] > 0
+    assert report["scenarios"]["fanout"]["targets"]["orderlog"]["median"]["deliveries_per_s"] > 0
+    replay = report["scenarios"]["replay"]["targets"]["orderlog"]["runs"][0]
+    assert replay["events"] == replay["head"] >= 3000
+
+
+@pytest.mark.parametrize("scenario", ["fanout", "replay"])
+def test_a_feed_with_a_gap_fails_the_scenario(tmp_path: Path, scenario: str) -> None:
+    """Baselines told to drop event 3 are reported FAILED (exit 1); orderlog itself still passes."""
+    code, report, stderr = bench(tmp_path, scenario, "--baseline", "--fault", "gap", *TINY)
+    assert code == 1, stderr[-2000:]
+    targets = report["scenarios"][scenario]["targets"]
+    assert targets["orderlog"]["ok"]
+    for name in ("trio", "websockets"):
+        assert not targets[name]["ok"]
+        problems = " ".join(targets[name]["runs"][0]["problems"])
+        assert "gap" in problems or "never arrived" in problems, problems
