@@ -60,7 +60,9 @@ class _Subscription:
     def __init__(self, channel: str, since: int | None, request_id: str):
         self.channel = channel
         self.request_id = request_id
-        self.last: int | None = since  # the last seq delivered to the caller
+        self.last: int | None = since  # the last seq delivered to the caller (None: live only, until `subscribed`)
+        self.resubscribing = False  # a resubscribe after a hole is on its way: wait for its `subscribed`
+        self.resumed = False  # the next `subscribed` answers the resubscribe after a reconnect
         self.send, self.receive = trio.open_memory_channel[dict](EVENT_BUFFER)
         self.error: OrderlogError | None = None
 
@@ -184,6 +186,8 @@ class Client:
                     connected_at = trio.current_time()
                     self.on_status(f"connected to {self.url} (head {welcome.get('head')})")
                     for sub in list(self._subs.values()):
+                        sub.resubscribing = False
+                        sub.resumed = started and sub.last is not None
                         await ws.send_message(json.dumps(self._subscribe_frame(sub)))
                     for pending in list(self._pending.values()):
                         await ws.send_message(json.dumps(pending.frame))
@@ -231,6 +235,15 @@ class Client:
             request_id = message.get("id")
             if isinstance(request_id, str) and request_id.startswith(SUB_ID):
                 sub = next((s for s in self._subs.values() if s.request_id == request_id), None)
+                if kind == "subscribed" and sub is not None:
+                    sub.resubscribing = False
+                    if sub.last is None:
+                        # Live only: the feed starts after `since` (the head), so a reconnect
+                        # before the first event must resume from there, not from a new head.
+                        sub.last = message.get("since")
+                    if sub.resumed:
+                        sub.resumed = False
+                        self.on_status(f"resumed {sub.channel} from seq {message.get('since')}")
                 if kind == "error" and sub is not None:
                     # A (re)subscribe refused, e.g. resync_required: the caller must start over.
                     sub.error = OrderlogError(message["code"], message.get("message", ""), message.get("details"))
@@ -251,8 +264,11 @@ class Client:
         if sub.last is not None and seq <= sub.last:
             return  # already delivered before a reconnect
         if sub.last is not None and prev != sub.last:
-            # A hole that may hide an event meant for us: resume from what we hold.
-            await ws.send_message(json.dumps(self._subscribe_frame(sub)))
+            # A hole that may hide an event meant for us: resume from what we hold (once: the
+            # events still in flight from the replaced subscription would ask again).
+            if not sub.resubscribing:
+                sub.resubscribing = True
+                await ws.send_message(json.dumps(self._subscribe_frame(sub)))
             return
         sub.last = seq
         try:
@@ -263,14 +279,28 @@ class Client:
 
 @asynccontextmanager
 async def connect(url: str, token: str | Callable[[], str], **options: Any) -> AsyncIterator[Client]:
-    """A connected Client for the duration of the block (it reconnects on its own)."""
-    async with trio.open_nursery() as nursery:
-        client = Client(url, token, **options)
-        await nursery.start(client.run)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
+    """A connected Client for the duration of the block (it reconnects on its own).
+
+    A refused token raises AuthenticationFailed itself, not inside an exception group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(url, token, **options)
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group)
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside (nested) one-member groups, else the group itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 async def tail(url: str, token: str, channel: str, since: int | None, emit: Callable[[str], None],

@@ -1,0 +1,192 @@
+"""orderlog.client against a real server that is stopped and started again on the same port and file."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import trio
+
+from orderlog.auth import Keys
+from orderlog.client import AuthenticationFailed, OrderlogError, connect
+from orderlog.domain import Command, Principal
+from orderlog.server import Settings, serve
+from orderlog.store import Request, Store
+from wsclient import SECRET, TIMEOUT, token
+
+FAST = {"backoff_start": 0.05, "backoff_cap": 0.2}  # reconnect quickly in tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def server_on(db: Path, port: int) -> AsyncIterator[str]:
+    """The real server on a fixed port (so that it can come back where it was); yields its URL."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(TIMEOUT):
+            url = await nursery.start(lambda task_status: serve(
+                Settings(db=str(db), port=port, keys=Keys("HS256", SECRET)), stop=stop, handle_signals=False,
+                task_status=task_status))
+        try:
+            yield url
+        finally:
+            stop.set()
+
+
+def place_directly(db: Path, user: str, order_id: str) -> int:
+    """Place an order through the store's command path while no server runs; returns its seq."""
+    store = Store.open(str(db))
+    try:
+        command = Command("place_order", uuid.uuid4().hex, order_id, data={"items": [{"sku": "kibble", "quantity": 1}]})
+        [ack] = store.execute_batch([Request(Principal(user, "customer"), command, "2026-11-25T17:00:00.000Z")])
+        return ack.seq
+    finally:
+        store.close()
+
+
+async def stock(url: str, quantity: int = 50) -> None:
+    async with connect(url, token("s1", "staff"), **FAST) as client:
+        await client.command("add_stock", data={"sku": "kibble", "quantity": quantity})
+
+
+async def next_events(events, count: int) -> list[dict]:
+    with trio.fail_after(TIMEOUT):
+        return [await events.__anext__() for _ in range(count)]
+
+
+async def test_resumes_after_a_restart_without_gap_or_duplicate(tmp_path: Path) -> None:
+    """After the server restarts, a subscription gets exactly the events it missed and reports the resume."""
+    db, port = tmp_path / "orderlog.db", free_port()
+    notes: list[str] = []
+    async with server_on(db, port) as url:
+        await stock(url)
+    async with trio.open_nursery() as nursery:
+        stopped, restarted = trio.Event(), trio.Event()
+
+        async def server_twice() -> None:
+            async with server_on(db, port):
+                await stopped.wait()
+            place_directly(db, "carol", "o-while-down")
+            async with server_on(db, port):
+                restarted.set()
+                await trio.sleep_forever()
+
+        nursery.start_soon(server_twice)
+        await trio.sleep(0.2)
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", token("s1", "staff"), on_status=notes.append,
+                           **FAST) as client:
+            events = client.subscribe("orders", since=0).__aiter__()
+            await client.command("place_order", order_id="o-before", data={"items": [{"sku": "kibble", "quantity": 1}]})
+            [before] = await next_events(events, 1)
+            assert before["stream"] == "order:o-before"
+            stopped.set()
+            with trio.fail_after(TIMEOUT):
+                await restarted.wait()
+            ack = await client.command("place_order", order_id="o-after", data={"items": [{"sku": "kibble", "quantity": 1}]})
+            got = await next_events(events, 2)
+            assert [e["stream"] for e in got] == ["order:o-while-down", "order:o-after"]
+            assert got[0]["prev"] == before["seq"] and got[1]["prev"] == got[0]["seq"]
+            assert got[1]["seq"] == ack["seq"] - 1  # order-created, then stock-reserved (the ack's seq)
+            assert f"resumed orders from seq {before['seq']}" in notes
+            assert any(note.startswith("reconnecting in") for note in notes)
+        nursery.cancel_scope.cancel()
+
+
+async def test_live_only_subscription_resumes_from_where_it_started(tmp_path: Path) -> None:
+    """A subscription without `since` that saw no event yet still gets what happened while it was disconnected."""
+    db, port = tmp_path / "orderlog.db", free_port()
+    async with server_on(db, port) as url:
+        await stock(url)
+    async with trio.open_nursery() as nursery:
+        stopped, restarted = trio.Event(), trio.Event()
+
+        async def server_twice() -> None:
+            async with server_on(db, port):
+                await stopped.wait()
+            place_directly(db, "carol", "o-missed")
+            async with server_on(db, port):
+                restarted.set()
+                await trio.sleep_forever()
+
+        nursery.start_soon(server_twice)
+        await trio.sleep(0.2)
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", token("s1", "staff"), **FAST) as client:
+            events = client.subscribe("orders").__aiter__()
+            receiving = trio.Event()
+            got: list[dict] = []
+
+            async def collect() -> None:
+                receiving.set()
+                got.append(await events.__anext__())
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(collect)
+                await receiving.wait()
+                with trio.fail_after(TIMEOUT):  # wait for `subscribed` (its since is where the feed starts)
+                    while client._subs["orders"].last is None:
+                        await trio.sleep(0.01)
+                stopped.set()
+                with trio.fail_after(TIMEOUT):
+                    await restarted.wait()
+            assert [e["stream"] for e in got] == ["order:o-missed"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_command_sent_while_disconnected_is_applied_once(tmp_path: Path) -> None:
+    """A command sent while the server is down is resent after the reconnect, with its id, and applied once."""
+    db, port = tmp_path / "orderlog.db", free_port()
+    async with server_on(db, port) as url:
+        await stock(url)
+    async with trio.open_nursery() as nursery:
+        stopped = trio.Event()
+        restart = trio.Event()
+
+        async def server_twice() -> None:
+            async with server_on(db, port):
+                await stopped.wait()
+            await restart.wait()
+            async with server_on(db, port):
+                await trio.sleep_forever()
+
+        nursery.start_soon(server_twice)
+        await trio.sleep(0.2)
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", token("alice"), **FAST) as client:
+            stopped.set()
+            with trio.fail_after(TIMEOUT):
+                while client._ws is not None:
+                    await trio.sleep(0.01)
+            async with trio.open_nursery() as inner:
+                acks: list[dict] = []
+
+                async def send() -> None:
+                    acks.append(await client.command("place_order", order_id="o-queued", command_id="c-queued",
+                                                     data={"items": [{"sku": "kibble", "quantity": 2}]}))
+
+                inner.start_soon(send)
+                await trio.sleep(0.3)
+                restart.set()
+            with trio.fail_after(TIMEOUT):
+                again = await client.command("place_order", order_id="o-queued", command_id="c-queued",
+                                             data={"items": [{"sku": "kibble", "quantity": 2}]})
+            assert acks[0]["duplicate"] is False and again["duplicate"] is True
+            assert again["seq"] == acks[0]["seq"]
+            assert (await client.get_stock("kibble"))["reserved"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_refused_token_raises_and_stops(tmp_path: Path) -> None:
+    """A token the server refuses (close 4001) raises AuthenticationFailed instead of reconnecting."""
+    async with server_on(tmp_path / "orderlog.db", free_port()) as url:
+        with trio.fail_after(TIMEOUT), pytest.raises(AuthenticationFailed) as caught:
+            async with connect(url, token("alice", secret="not-the-server-secret-0123456789-abc"), **FAST):
+                pass
+        assert isinstance(caught.value, OrderlogError) and "invalid token" in str(caught.value)
