@@ -222,7 +222,7 @@ def test_customers_learn_nothing_of_each_others_orders(isolated_server, history)
 
 
 @pytest.mark.slow
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(history=st.lists(steps, min_size=10, max_size=40))
 def test_customers_learn_nothing_of_each_others_orders_long_histories(isolated_server, history):
     """The same isolation property over more and longer histories."""
