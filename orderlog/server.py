@@ -357,8 +357,7 @@ class Service:
             if head is None:
                 return
             async with trio.open_nursery() as nursery:
-                writer = SocketWriter(stream)
-                nursery.start_soon(writer.run)
+                writer = SocketWriter(stream, nursery)
                 ws_stream = WriterStream(stream, writer, head.raw)
                 with trio.move_on_after(settings.handshake_timeout) as scope:
                     request = await wrap_server_stream(nursery, ws_stream, max_message_size=settings.max_message_size,
@@ -487,7 +486,8 @@ class Connection:
         self.inflight = 0
         self._wake = trio.Event()
         self._space = trio.Event()
-        self._expiry_scope: trio.CancelScope | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self._next_ping = math.inf
         self._nursery: trio.Nursery | None = None
         self.close_reason: tuple[int, str] | None = None
         settings = service.settings
@@ -504,7 +504,7 @@ class Connection:
                 self._nursery = nursery
                 await self._guard(self._authenticate, stop_after=False)
                 if self.principal is not None and self.close_reason is None:
-                    for task in (self._receive_loop, self._send_loop, self._keepalive, self._expiry_watch):
+                    for task in (self._receive_loop, self._send_loop, self._timers):
                         nursery.start_soon(self._guard, task)
         finally:
             if self.close_reason is not None:
@@ -581,8 +581,8 @@ class Connection:
         first = self.principal is None
         self.principal = claims.principal
         self.expires_at = claims.expires_at
-        if self._expiry_scope is not None:
-            self._expiry_scope.deadline = self._deadline()
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = min(self._next_ping, self._deadline())
         if first:
             log.info("event=connection.auth conn=%d user=%s role=%s", self.number, claims.principal.user,
                      claims.principal.role)
@@ -612,20 +612,25 @@ class Connection:
     def _deadline(self) -> float:
         return trio.current_time() + max(0.0, self.expires_at - time.time())
 
-    async def _expiry_watch(self) -> None:
-        with trio.CancelScope(deadline=self._deadline()) as scope:
-            self._expiry_scope = scope
-            await trio.sleep_forever()
-        raise CloseConnection(AUTH_CLOSE_CODE, auth.EXPIRED)
-
-    async def _keepalive(self) -> None:
+    async def _timers(self) -> None:
+        """Keep-alive pings and the token's expiry, in one task (one task less per connection)."""
         interval = self.service.settings.ping_interval
+        self._next_ping = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(interval) as scope:
-                await self.ws.ping()
-            if scope.cancelled_caught:
-                raise CloseConnection(GOING_AWAY, "keep-alive ping not answered")
+            with trio.CancelScope(deadline=min(self._next_ping, self._deadline())) as scope:
+                self._timer_scope = scope  # a refresh moves its deadline
+                await trio.sleep_forever()
+            self._timer_scope = None
+            if time.time() >= self.expires_at:
+                raise CloseConnection(AUTH_CLOSE_CODE, auth.EXPIRED)
+            if trio.current_time() >= self._next_ping:
+                with trio.move_on_at(min(trio.current_time() + interval, self._deadline())) as scope:
+                    await self.ws.ping()
+                if scope.cancelled_caught:
+                    if time.time() >= self.expires_at:
+                        raise CloseConnection(AUTH_CLOSE_CODE, auth.EXPIRED)
+                    raise CloseConnection(GOING_AWAY, "keep-alive ping not answered")
+                self._next_ping = trio.current_time() + interval
 
     # sending replies ------------------------------------------------------------------
 

@@ -46,8 +46,9 @@ def text_frame(payload: bytes) -> bytes:
 class SocketWriter:
     """Ordered, non-blocking writes to one stream; see the module docstring."""
 
-    def __init__(self, stream: trio.abc.Stream):
+    def __init__(self, stream: trio.abc.Stream, nursery: trio.Nursery):
         self.stream = stream
+        self._nursery = nursery  # where the flusher runs, started only while something is queued
         socket = getattr(stream, "socket", None)
         # Only a plain TCP stream can take a direct write; TLS goes through the flusher.
         self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket is not None else None
@@ -58,7 +59,7 @@ class SocketWriter:
         self.error: BaseException | None = None
         self.closed = False
         self._sending = False  # the flusher is inside send_all: no direct write may overtake it
-        self._wake = trio.Event()
+        self._flushing = False  # the flusher task is running
         self._progress = trio.Event()
 
     def write(self, data: bytes) -> None:
@@ -83,21 +84,23 @@ class SocketWriter:
             data = data[sent:]
         self._queue.append(data)
         self.buffered += len(data)
-        self._wake.set()
+        if not self._flushing:
+            self._flushing = True
+            self._nursery.start_soon(self._flush)
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
-        self._wake.set()
         self._progress.set()
 
-    async def run(self) -> None:
-        """The flusher: send whatever is queued, in order, until cancelled or broken."""
-        while True:
-            while not self._queue:
-                if self.error is not None:
-                    return
-                self._wake = trio.Event()
-                await self._wake.wait()
+    async def _flush(self) -> None:
+        """Send whatever is queued, in order, then end (an idle connection keeps no task)."""
+        try:
+            await self._flush_queue()
+        finally:
+            self._flushing = False
+
+    async def _flush_queue(self) -> None:
+        while self._queue:
             chunk = self._queue.popleft() if len(self._queue) == 1 else b"".join(self._take())
             self._sending = True
             try:

@@ -48,12 +48,11 @@ async def test_writer_keeps_order_when_the_socket_is_full():
     """Writes beyond what the kernel takes are queued and flushed in order, and drain() waits for it."""
     a, b = trio.socket.socketpair()
     left, right = trio.SocketStream(a), trio.SocketStream(b)
-    writer = SocketWriter(left)
     chunks = [bytes([i % 251]) * 50_000 for i in range(60)]  # 3 MB: far more than a socket buffer
     expected = b"".join(chunks)
     received = bytearray()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.run)
+        writer = SocketWriter(left, nursery)
         for chunk in chunks:
             writer.write(chunk)
         assert writer.buffered > 0, "the kernel took 3 MB at once: the test proves nothing"
@@ -78,11 +77,10 @@ async def test_writer_reports_a_lost_peer():
     """After the peer is gone, write() raises BrokenResourceError instead of queueing forever."""
     a, b = trio.socket.socketpair()
     left = trio.SocketStream(a)
-    writer = SocketWriter(left)
     b.close()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run)
+            writer = SocketWriter(left, nursery)
             failed = False
             for _ in range(1000):
                 try:
