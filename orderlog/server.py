@@ -342,6 +342,7 @@ class Service:
     async def handle_tcp(self, stream: trio.SocketStream) -> None:
         """One TCP connection: read the request head, then WebSocket or plain HTTP."""
         settings = self.settings
+        head = None  # stays None when the handshake timeout cuts the read short (slowloris)
         try:
             with trio.move_on_after(settings.handshake_timeout):
                 try:
