@@ -368,6 +368,10 @@ class Service:
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
             pass
+        except Exception:
+            # A bug met by one connection ends that connection, never the server (this handler
+            # runs in the listeners' nursery, so anything escaping here would stop everything).
+            log.exception("event=connection.crashed")
         finally:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
@@ -529,6 +533,10 @@ class Connection:
         except ConnectionClosed:
             self.close_reason = self.close_reason or ((self.ws.closed.code, self.ws.closed.reason or "")
                                                       if self.ws.closed else (1006, ""))
+            stop_after = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The socket died under a direct write (the peer reset it): a close without a handshake.
+            self.close_reason = self.close_reason or (1006, "connection lost")
             stop_after = True
         if stop_after and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
