@@ -489,8 +489,8 @@ class Connection:
         self.expires_at = 0.0
         self.subs: dict[str, Subscription] = {}
         self.inflight = 0
-        self._wake = trio.Event()
         self._space = trio.Event()
+        self._sending = False  # the send loop runs (only while some subscription is catching up)
         self._timer_scope: trio.CancelScope | None = None
         self._next_ping = math.inf
         self._nursery: trio.Nursery | None = None
@@ -509,7 +509,7 @@ class Connection:
                 self._nursery = nursery
                 await self._guard(self._authenticate, stop_after=False)
                 if self.principal is not None and self.close_reason is None:
-                    for task in (self._receive_loop, self._send_loop, self._timers):
+                    for task in (self._receive_loop, self._timers):
                         nursery.start_soon(self._guard, task)
         finally:
             if self.close_reason is not None:
@@ -662,7 +662,13 @@ class Connection:
             self.wake()
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something for the send loop to do: start it unless it runs (it rereads everything)."""
+        if not self._sending and self._nursery is not None and self.close_reason is None:
+            try:
+                self._nursery.start_soon(self._guard, self._send_loop, False)
+            except RuntimeError:  # the connection has ended; nothing more to send
+                return
+            self._sending = True
 
     def command_done(self, command_id: str, outcome: Ack | Rejected) -> None:
         self.inflight -= 1
@@ -794,32 +800,35 @@ class Connection:
     # sending --------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        """Bring every detached subscription up to the head, then attach it to the hub.
+        """Bring every detached subscription up to the head, then attach it to the hub; end when
+        all are attached (an idle connection keeps no sending task).
 
         Replies do not pass through here (they are written at once); this loop only sends
         catch-up pages and `live` markers, waiting for the socket to drain between pages.
         """
         hub = self.service.hub
-        while True:
-            await self.writer.drain(HIGH_WATER)
-            progressed = False
-            for sub in list(self.subs.values()):
-                if sub.attached:
-                    continue
-                if not sub.live_sent and sub.cursor >= sub.head:
-                    sub.live_sent = True
-                    self.push(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
-                    progressed = True
-                elif sub.cursor < hub.head:
-                    await self._advance(sub)
-                    progressed = True
-                elif self.subs.get(sub.channel.name) is sub:
-                    hub.attach(sub)  # caught up: from now on Hub.publish feeds it
-            if self.writer.error is not None:
-                raise ConnectionClosed(None)
-            if not progressed:
-                self._wake = trio.Event()
-                await self._wake.wait()
+        try:
+            while True:
+                await self.writer.drain(HIGH_WATER)
+                progressed = False
+                for sub in list(self.subs.values()):
+                    if sub.attached:
+                        continue
+                    if not sub.live_sent and sub.cursor >= sub.head:
+                        sub.live_sent = True
+                        self.push(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
+                        progressed = True
+                    elif sub.cursor < hub.head:
+                        await self._advance(sub)
+                        progressed = True
+                    elif self.subs.get(sub.channel.name) is sub:
+                        hub.attach(sub)  # caught up: from now on Hub.publish feeds it
+                if self.writer.error is not None:
+                    raise ConnectionClosed(None)
+                if not progressed:
+                    return
+        finally:
+            self._sending = False
 
     async def _advance(self, sub: Subscription) -> None:
         """Send the next page of what `sub` has not seen yet, from the window or SQLite."""

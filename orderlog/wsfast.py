@@ -52,7 +52,7 @@ class SocketWriter:
         socket = getattr(stream, "socket", None)
         # Only a plain TCP stream can take a direct write; TLS goes through the flusher.
         self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket is not None else None
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # made on first need: most connections never queue
         self.buffered = 0  # bytes queued, not yet handed to the kernel
         self.written = 0  # bytes accepted by write() so far
         self.flushed = 0  # bytes handed to the kernel so far
@@ -82,6 +82,8 @@ class SocketWriter:
             if sent == len(data):
                 return
             data = data[sent:]
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(data)
         self.buffered += len(data)
         if not self._flushing:
