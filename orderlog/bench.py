@@ -635,7 +635,9 @@ def summarize(scenario: str, runs: dict[str, list[dict]]) -> dict:
         targets[name] = {"ok": all(r.get("ok") for r in results) and bool(results), "median": median,
                          "runs": [{k: v for k, v in r.items() if k != "rounds" or True} for r in results]}
     ratios: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
     ours = targets.get("orderlog", {}).get("median", {})
+    our_runs = runs.get("orderlog", [])
     for name in runs:
         if name == "orderlog":
             continue
@@ -644,7 +646,17 @@ def summarize(scenario: str, runs: dict[str, list[dict]]) -> dict:
             key: (ours[key] / theirs[key] if ours.get(key) is not None and theirs.get(key) else None)
             for key, _, _, better in METRICS[scenario] if better
         }
-    return {"ok": all(t["ok"] for t in targets.values()), "targets": targets, "ratios": ratios}
+        # The median of per-repeat ratios: each pair ran minutes apart, so it cancels slow drifts.
+        pairs: dict[str, float | None] = {}
+        for key, _, _, better in METRICS[scenario]:
+            if not better:
+                continue
+            values = [a[key] / b[key] for a, b in zip(our_runs, runs[name])
+                      if a.get("ok") and b.get("ok") and a.get(key) is not None and b.get(key)]
+            pairs[key] = statistics.median(values) if values else None
+        paired[f"orderlog/{name}"] = pairs
+    return {"ok": all(t["ok"] for t in targets.values()), "targets": targets, "ratios": ratios,
+            "paired_ratios": paired}
 
 
 def render(scenario: str, summary: dict, o: argparse.Namespace) -> str:
@@ -658,13 +670,16 @@ def render(scenario: str, summary: dict, o: argparse.Namespace) -> str:
             row.append("-" if value is None else fmt.format(value))
         row.append("ok" if data["ok"] else "FAILED")
         rows.append(row)
-    for name, ratio in summary["ratios"].items():
-        row = [name]
-        for key, _, _, better in columns:
-            value = ratio.get(key)
-            row.append("" if not better else ("-" if value is None else f"{value:.2f}x"))
-        row.append("")
-        rows.append(row)
+    for label, ratios in (("", summary["ratios"]), (" paired", summary.get("paired_ratios", {}))):
+        if label and o.repeat < 2:
+            continue
+        for name, ratio in ratios.items():
+            row = [name + label]
+            for key, _, _, better in columns:
+                value = ratio.get(key)
+                row.append("" if not better else ("-" if value is None else f"{value:.2f}x"))
+            row.append("")
+            rows.append(row)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = [f"== {scenario}: {describe(scenario, o)} (medians of {o.repeat} run(s))"]
     for r in [header] + rows:
@@ -674,6 +689,8 @@ def render(scenario: str, summary: dict, o: argparse.Namespace) -> str:
         for i, run in enumerate(data["runs"]):
             if not run.get("ok"):
                 lines.append(f"  FAILED {name} run {i + 1}: {'; '.join(run.get('problems') or [])[:800]}")
+    if o.repeat > 1 and summary["ratios"]:
+        lines.append("  (ratios: of the medians; 'paired': the median of the per-repeat ratios)")
     lines.append(f"  ({TARGETS_NOTE[scenario]})")
     return "\n".join(lines)
 
