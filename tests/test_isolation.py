@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from orderlog.auth import Keys
 from orderlog.server import Settings, serve
-from wsclient import EVENT_TYPES, SECRET, TIMEOUT, Client, assert_quiet, next_id, session
+from wsclient import EVENT_TYPES, SECRET, Client, assert_quiet, next_id, session
 
 ORDERS = 5  # order ids per example
 SKUS = ("bone", "ball")
