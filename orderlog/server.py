@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import re
 import signal
@@ -58,6 +57,8 @@ MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
 READERS = 2  # read-only SQLite connections for catch-up, get and query
 EXTERNAL_POLL = 1.0  # seconds between looks for events written by another process
 CLOSE_TIMEOUT = 2.0
+SWEEP_PERIOD = 0.25  # seconds between checks of pings and token expiry
+PING_FRAME = b"\x89\x04ping"  # an unmasked ping frame with a 4-byte payload
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn  # seconds to wait for a client's close handshake
 
@@ -273,6 +274,16 @@ class Service:
             events = read_feed(self.store.conn, None, after, 2**62, PUBLISH_LIMIT)
         return outcomes, events
 
+    async def sweep(self) -> None:
+        """Every connection's keep-alive ping and token expiry, in one task for all of them."""
+        interval = self.settings.ping_interval
+        period = min(SWEEP_PERIOD, interval / 4)
+        while True:
+            await trio.sleep(period)
+            now, wall = trio.current_time(), time.time()
+            for connection in list(self.connections):
+                connection.tick(now, wall, interval)
+
     async def writer(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Take waiting commands, commit them as one batch, publish, then ack."""
         self.writer_alive = True
@@ -395,7 +406,7 @@ class Service:
         token = _handshake_token(target.query, headers.get("authorization"))
         ws = await request.accept()
         stream.accepted.set()
-        connection = Connection(self, ws, stream.writer, next(self._ids), token, remote)
+        connection = Connection(self, ws, stream, next(self._ids), token, remote)
         self.connections.add(connection)
         self.metrics.connections.inc()
         try:
@@ -478,11 +489,12 @@ class Subscription:
 
 
 class Connection:
-    def __init__(self, service: Service, ws: WebSocketConnection, writer: SocketWriter, number: int,
+    def __init__(self, service: Service, ws: WebSocketConnection, stream: WriterStream, number: int,
                  token: str | None, remote: str):
         self.service = service
         self.ws = ws
-        self.writer = writer
+        self.stream = stream
+        self.writer = stream.writer
         self.number = number
         self.handshake_token = token
         self.principal: Principal | None = None
@@ -491,8 +503,7 @@ class Connection:
         self.inflight = 0
         self._space = trio.Event()
         self._sending = False  # the send loop runs (only while some subscription is catching up)
-        self._timer_scope: trio.CancelScope | None = None
-        self._next_ping = math.inf
+        self.ping_sent_at: float | None = None  # trio time of the unanswered keep-alive ping
         self._nursery: trio.Nursery | None = None
         self.close_reason: tuple[int, str] | None = None
         settings = service.settings
@@ -509,8 +520,7 @@ class Connection:
                 self._nursery = nursery
                 await self._guard(self._authenticate, stop_after=False)
                 if self.principal is not None and self.close_reason is None:
-                    for task in (self._receive_loop, self._timers):
-                        nursery.start_soon(self._guard, task)
+                    nursery.start_soon(self._guard, self._receive_loop)
         finally:
             if self.close_reason is not None:
                 code, reason = self.close_reason
@@ -590,8 +600,6 @@ class Connection:
         first = self.principal is None
         self.principal = claims.principal
         self.expires_at = claims.expires_at
-        if self._timer_scope is not None:
-            self._timer_scope.deadline = min(self._next_ping, self._deadline())
         if first:
             log.info("event=connection.auth conn=%d user=%s role=%s", self.number, claims.principal.user,
                      claims.principal.role)
@@ -618,28 +626,37 @@ class Connection:
                     self.push(protocol.reply("unsubscribed", None, channel=name))
         self.wake()
 
-    def _deadline(self) -> float:
-        return trio.current_time() + max(0.0, self.expires_at - time.time())
+    def tick(self, now: float, wall: float, interval: float) -> None:
+        """Keep-alive and expiry, checked by the service's sweep (no timer task per connection).
 
-    async def _timers(self) -> None:
-        """Keep-alive pings and the token's expiry, in one task (one task less per connection)."""
-        interval = self.service.settings.ping_interval
-        self._next_ping = trio.current_time() + interval
-        while True:
-            with trio.CancelScope(deadline=min(self._next_ping, self._deadline())) as scope:
-                self._timer_scope = scope  # a refresh moves its deadline
-                await trio.sleep_forever()
-            self._timer_scope = None
-            if time.time() >= self.expires_at:
-                raise CloseConnection(AUTH_CLOSE_CODE, auth.EXPIRED)
-            if trio.current_time() >= self._next_ping:
-                with trio.move_on_at(min(trio.current_time() + interval, self._deadline())) as scope:
-                    await self.ws.ping()
-                if scope.cancelled_caught:
-                    if time.time() >= self.expires_at:
-                        raise CloseConnection(AUTH_CLOSE_CODE, auth.EXPIRED)
-                    raise CloseConnection(GOING_AWAY, "keep-alive ping not answered")
-                self._next_ping = trio.current_time() + interval
+        A ping is written when the peer has been quiet for `interval`; any bytes from the peer
+        (its pong included) answer it; no answer within `interval` closes the connection.
+        """
+        if self.principal is None or self.close_reason is not None:
+            return
+        if wall >= self.expires_at:
+            self.close_soon(AUTH_CLOSE_CODE, auth.EXPIRED)
+            return
+        heard = self.stream.last_received
+        if self.ping_sent_at is not None:
+            if heard >= self.ping_sent_at:
+                self.ping_sent_at = None
+            elif now - self.ping_sent_at >= interval:
+                self.close_soon(GOING_AWAY, "keep-alive ping not answered")
+                return
+        if self.ping_sent_at is None and now - heard >= interval and self.ws.closed is None:
+            self.ping_sent_at = now
+            try:
+                self.writer.write(PING_FRAME)
+            except trio.BrokenResourceError:
+                self.wake()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        if self._nursery is not None:
+            try:
+                self._nursery.start_soon(self.close, code, reason)
+            except RuntimeError:  # already ended
+                pass
 
     # sending replies ------------------------------------------------------------------
 
@@ -888,6 +905,7 @@ async def _serve(service: Service, stop: trio.Event, handle_signals: bool, task_
     context = ssl_context(settings)
     async with trio.open_nursery() as outer:
         await outer.start(service.writer)
+        outer.start_soon(service.sweep)
         if handle_signals:
             outer.start_soon(_wait_for_signal, stop)
         async with trio.open_nursery() as connections:

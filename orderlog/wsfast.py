@@ -158,6 +158,7 @@ class WriterStream(trio.abc.HalfCloseableStream):
         cut = end + 4 if end >= 0 else len(prefix)
         self._head, self._trailing = prefix[:cut], prefix[cut:]
         self.accepted = trio.Event()
+        self.last_received = trio.current_time()  # when the peer last sent anything (keep-alive)
 
     @property
     def socket(self):  # trio-websocket names the endpoints from it
@@ -172,7 +173,9 @@ class WriterStream(trio.abc.HalfCloseableStream):
             await self.accepted.wait()
             data, self._trailing = self._trailing, b""
             return data
-        return await self.stream.receive_some(max_bytes)
+        data = await self.stream.receive_some(max_bytes)
+        self.last_received = trio.current_time()
+        return data
 
     async def send_all(self, data) -> None:
         self.writer.write(bytes(data))
