@@ -5,10 +5,11 @@ Theory of operation.
   bounded channel; it takes whatever is waiting (in arrival order), commits it as one batch in a
   worker thread (group commit), publishes the new events to the in-memory window, and only
   then sends the acks.
-- Each connection runs one nursery: a receive loop (requests), a send loop (catch-up pages and
-  `live` markers), a keep-alive pinger and a token-expiry watch. Every byte for a connection goes
-  through its SocketWriter (wsfast.py), which writes without waiting when the kernel takes the
-  bytes, so frames go out in the order they were produced.
+- Each connection runs one nursery: its receive loop (requests) and, only while one of its
+  subscriptions is catching up, a send loop (catch-up pages and `live` markers). Keep-alive pings
+  and token expiry of all connections are checked by one sweep task. Every byte for a connection
+  goes through its SocketWriter (wsfast.py), which writes without waiting when the kernel takes
+  the bytes, so frames go out in the order they were produced.
 - Subscriptions are cursors on the log. A subscription that is behind is moved forward by its
   connection's send loop, from the in-memory window or from SQLite, one page at a time, waiting
   for the socket to drain in between. Once caught up it is attached to the Hub, and each commit's
