@@ -84,7 +84,7 @@ class Settings:
     rate_burst: int = 1000
     handshake_timeout: float = 10.0  # slow handshakes are dropped after this
     synchronous: str = "FULL"
-    window: int = 20_000
+    window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
 
 
 class CloseConnection(Exception):
