@@ -81,3 +81,11 @@ def test_a_feed_with_a_gap_fails_the_scenario(tmp_path: Path, scenario: str) -> 
         assert not targets[name]["ok"]
         problems = " ".join(targets[name]["runs"][0]["problems"])
         assert "gap" in problems or "never arrived" in problems, problems
+
+
+def test_fanout_at_a_fixed_rate_where_most_customers_get_nothing(tmp_path: Path) -> None:
+    """At a slow --rate most customers have no order: they must expect, and get, no event."""
+    code, report, stderr = bench(tmp_path, "fanout", *TINY, "--rate", "4", "--subscribers", "40")
+    assert code == 0, stderr[-2000:]
+    run = report["scenarios"]["fanout"]["targets"]["orderlog"]["runs"][0]
+    assert run["ok"] and 0 < run["commands"] < run["customers"], run
