@@ -325,13 +325,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
-    except OSError as exc:
-        if "url" not in started:
+    except BaseException as raised:  # trio wraps errors from tasks in exception groups
+        exc = _first_leaf(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130  # a second Ctrl-C during shutdown: stop quietly
+        if isinstance(exc, StoreError):
+            raise UsageError(str(exc)) from None
+        if isinstance(exc, OSError) and "url" not in started:
             raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
         raise
     return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _setup_logging(level: str | None) -> None:

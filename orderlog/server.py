@@ -40,7 +40,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from . import auth, http, protocol
 from .auth import AUTH_CLOSE_CODE, AuthError, Keys
 from .domain import Principal, Rejected, authorize, can_see_order, validate
-from .feed import Channel, FeedEvent, Window, read_feed
+from .feed import Channel, FeedEvent, Window, feed_event, read_feed
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, channel_kind
 from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
@@ -268,11 +268,16 @@ class Service:
 
     def _commit(self, requests: list[Request], after: int) -> tuple[list, list[FeedEvent]]:
         outcomes: list = []
+        self.store.last_appended = []
         try:
             outcomes = self.store.execute_batch(requests) if requests else []
         finally:
-            # Whatever happened, publish what is committed (ours or another process's).
-            events = read_feed(self.store.conn, None, after, 2**62, PUBLISH_LIMIT)
+            rows = self.store.last_appended
+            if rows and rows[0][0] == after + 1 and len(rows) <= PUBLISH_LIMIT:
+                events = [feed_event(row) for row in rows]  # ours, straight after the head
+            else:
+                # Read back what is committed: events of another process, or after a failure.
+                events = read_feed(self.store.conn, None, after, 2**62, PUBLISH_LIMIT)
         return outcomes, events
 
     async def sweep(self) -> None:

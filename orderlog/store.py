@@ -333,6 +333,7 @@ class Store:
         self.path = path
         self.readonly = readonly
         self.log_id = self._meta("log_id")
+        self.last_appended: list[tuple] = []
 
     # opening ----------------------------------------------------------------------------
 
@@ -474,6 +475,9 @@ class Store:
             outcomes, rows = self._decide_batch(requests)
             self._write_batch(rows)
             self.conn.execute("COMMIT")
+            # The rows just appended, in FEED_COLUMNS order (feed.py), so that the service can
+            # publish them without reading them back.
+            self.last_appended = rows.events
             return outcomes
         except sqlite3.Error as exc:
             self._rollback()
