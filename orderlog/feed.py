@@ -37,16 +37,17 @@ class FeedEvent:
 
     __slots__ = ("seq", "stream", "type", "owner", "order_id", "is_order", "pre", "mid", "tail")
 
-    def __init__(self, seq: int, stream: str, type_: str, owner: str | None, order_id: str | None, tail: bytes):
+    def __init__(self, seq: int, stream: str, type_: str, owner: str | None, order_id: str | None,
+                 is_order: bool, pre: bytes, mid: bytes, tail: bytes):
         self.seq = seq
         self.stream = stream
         self.type = type_
         self.owner = owner
         self.order_id = order_id
-        self.is_order = stream.startswith("order:")
-        self.pre = b'{"type":"' + type_.encode() + b'","channel":'
-        self.mid = b',"seq":' + str(seq).encode() + b',"prev":'
-        self.tail = tail
+        self.is_order = is_order
+        self.pre = pre  # b'{"type":"<type>","channel":'
+        self.mid = mid  # b',"seq":<seq>,"prev":'
+        self.tail = tail  # b',"stream":...,"hash":"..."}'
 
     @property
     def redacted_tail(self) -> bytes:
@@ -92,7 +93,17 @@ def feed_event(row: Sequence[Any]) -> FeedEvent:
     # stream, type, at and hash are made of [A-Za-z0-9._:-] only (ids are checked on the way in),
     # so they need no escaping; actor and command_id are any strings.
     tail = _tail(stream, version, at, actor, command_id, data, hash_)
-    return FeedEvent(seq, stream, type_, owner, order_id, tail)
+    return FeedEvent(seq, stream, type_, owner, order_id, stream.startswith("order:"),
+                     b'{"type":"' + type_.encode() + b'","channel":', b',"seq":' + str(seq).encode() + b',"prev":', tail)
+
+
+# The same encoding as feed_event, done by SQLite while it reads (catch-up reads many events):
+# json_quote escapes a string exactly as json.encoder.encode_basestring does (tests/test_feed_encoding.py).
+FEED_SQL = """seq, stream, type, owner, order_id, substr(stream, 1, 6) = 'order:',
+    CAST('{"type":"' || type || '","channel":' AS BLOB),
+    CAST(',"seq":' || seq || ',"prev":' AS BLOB),
+    CAST(',"stream":"' || stream || '","version":' || version || ',"at":"' || at || '","actor":' || json_quote(actor)
+         || ',"command_id":' || json_quote(command_id) || ',"data":' || data || ',"hash":"' || hash || '"}' AS BLOB)"""
 
 
 @attrs.frozen
@@ -133,10 +144,10 @@ def read_feed(conn: sqlite3.Connection, channel: Channel | None, after: int, unt
     """Committed events with after < seq <= until that `channel` sees (all if None), in order."""
     where, params = channel.sql() if channel is not None else ("1", [])
     rows = conn.execute(
-        f"SELECT {FEED_COLUMNS} FROM events WHERE seq > ? AND seq <= ? AND {where} ORDER BY seq LIMIT ?",
+        f"SELECT {FEED_SQL} FROM events WHERE seq > ? AND seq <= ? AND {where} ORDER BY seq LIMIT ?",
         [after, until, *params, limit],
     )
-    return [feed_event(r) for r in rows]
+    return [FeedEvent(*r) for r in rows]
 
 
 class Window:
