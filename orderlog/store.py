@@ -214,8 +214,6 @@ class Filter:
     until: int | None = None
     from_time: str | None = None  # stored form, inclusive (see time_bound)
     to_time: str | None = None  # stored form, exclusive
-    stream_prefix: str | None = None  # "order:" or "sku:"
-    owner: str | None = None  # only events of this customer's orders
 
 
 # -- migrations -------------------------------------------------------------------------------
@@ -789,36 +787,28 @@ def _write_projections(conn: sqlite3.Connection, orders: Iterable[Order], stock:
     )
 
 
+# Filter fields that compare one column with one value.
+_FILTER_CLAUSES = (
+    ("stream", "stream = ?"),
+    ("order_id", "order_id = ?"),
+    ("actor", "actor = ?"),
+    ("until", "seq <= ?"),
+    ("from_time", "at >= ?"),
+    ("to_time", "at < ?"),
+)
+
+
 def _filter_sql(filt: Filter) -> tuple[str, list[Any]]:
     where = ["seq > ?"]
     params: list[Any] = [filt.after]
-    if filt.stream is not None:
-        where.append("stream = ?")
-        params.append(filt.stream)
-    if filt.order_id is not None:
-        where.append("order_id = ?")
-        params.append(filt.order_id)
+    for field, clause in _FILTER_CLAUSES:
+        value = getattr(filt, field)
+        if value is not None:
+            where.append(clause)
+            params.append(value)
     if filt.types is not None:
         where.append(f"type IN ({','.join('?' * len(filt.types))})")
         params.extend(filt.types)
-    if filt.actor is not None:
-        where.append("actor = ?")
-        params.append(filt.actor)
-    if filt.until is not None:
-        where.append("seq <= ?")
-        params.append(filt.until)
-    if filt.from_time is not None:
-        where.append("at >= ?")
-        params.append(filt.from_time)
-    if filt.to_time is not None:
-        where.append("at < ?")
-        params.append(filt.to_time)
-    if filt.stream_prefix is not None:
-        where.append("substr(stream, 1, ?) = ?")
-        params.extend([len(filt.stream_prefix), filt.stream_prefix])
-    if filt.owner is not None:
-        where.append("owner = ?")
-        params.append(filt.owner)
     return f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq", params
 
 
