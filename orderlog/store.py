@@ -47,7 +47,7 @@ ZERO_HASH = bytes(32)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 BUSY_TIMEOUT_MS = 10_000  # how long a connection waits for another writer's lock
 SQL_IN_CHUNK = 500  # keys per "IN (...)" lookup, well under SQLite's variable limit
-WRITER_CACHE_KIB = 64 * 1024  # page cache of the writer: the five event indexes stay in memory
+WRITER_CACHE_KIB = 32 * 1024  # page cache of the writer (a bounded share of RSS; the hot index pages stay in memory)
 # WAL pages between automatic checkpoints (SQLite's default is 1000): each checkpoint copies
 # the hot index pages back into the file, so doing it less often makes appends much cheaper.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
