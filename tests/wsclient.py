@@ -54,7 +54,7 @@ async def running_server(
     """
     settings.setdefault("keys", Keys("HS256", secret))
     config = Settings(db=str(db or tmp_path / "orderlog.db"), port=0, **settings)
-    stop = stop or trio.Event()
+    stop = stop if stop is not None else trio.Event()
     finished = trio.Event()
 
     async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:
