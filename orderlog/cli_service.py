@@ -55,32 +55,23 @@ def _pick(flag: Any, env: str, convert: Callable[[str], Any] = str, default: Any
         raise UsageError(f"ORDERLOG_{env}={text!r}: {exc}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a whole number >= 1")
-    return value
+def _number(name: str, convert: Callable[[str], Any], low: float, high: float, message: str) -> Callable[[str], Any]:
+    """A parser of numbers in [low, high] whose ValueError says `message` (`name` for argparse)."""
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if not low <= value <= high:
+            raise ValueError(message)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be a number > 0")
-    return value
-
-
-def _seq(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("a seq is a whole number >= 0")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
+_positive_int = _number("positive_int", int, 1, float("inf"), "must be a whole number >= 1")
+_positive_float = _number("positive_float", float, 5e-324, float("inf"), "must be a number > 0")
+_seq = _number("seq", int, 0, float("inf"), "a seq is a whole number >= 0")
+_port = _number("port", int, 0, 65535, "must be a port number from 0 to 65535")
 
 
 def _seconds(text: str) -> float:
