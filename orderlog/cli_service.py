@@ -312,7 +312,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if settings.keys.algorithm == "HS256" and args.jwt_secret is None and _env("JWT_SECRET") is None:
                 print(f"orderlog is serving {url}\n"
                       f"  mint a token:  orderlog token --db {settings.db} --sub alice --role customer --ttl 1h\n"
-                      f"  then connect:  {url}?token=TOKEN", file=sys.stderr, flush=True)
+                      f"  then connect:  {url}?token=TOKEN\n"
+                      f"  or open the dashboard at {_http_url(url)} and paste the token", file=sys.stderr, flush=True)
 
     try:
         trio.run(main)
@@ -333,6 +334,12 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def _http_url(ws_url: str) -> str:
+    """The dashboard's address on the same port: ws://host:port/v1/ws -> http://host:port/."""
+    scheme, rest = ws_url.split("://", 1)
+    return ("https" if scheme == "wss" else "http") + "://" + rest.split("/", 1)[0] + "/"
 
 
 def _setup_logging(level: str | None) -> None:
