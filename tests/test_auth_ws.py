@@ -95,15 +95,19 @@ def header_auth(tok: str) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", f"Bearer {tok}".encode())]
 
 
+def connect_by(url: str, tok: str, via: str):
+    """A connection that will present `tok` in the query string or a header; for `auth`, none
+    (the caller sends the auth message)."""
+    if via == "query":
+        return connect(url, tok)
+    if via == "header":
+        return connect(url, headers=header_auth(tok))
+    return connect(url)
+
+
 async def first_frame_or_close(url: str, tok: str, via: str):
     """Connect presenting `tok` by `via`; return ('welcome', frame) or ('close', (code, reason))."""
-    if via == "query":
-        ctx = connect(url, tok)
-    elif via == "header":
-        ctx = connect(url, headers=header_auth(tok))
-    else:
-        ctx = connect(url)
-    async with ctx as ws:
+    async with connect_by(url, tok, via) as ws:
         if via == "auth":
             await send_json(ws, {"type": "auth", "token": tok})
         code, reason = await expect_close(ws)
@@ -154,13 +158,7 @@ async def test_a_valid_token_by_each_way_gets_welcome(server, via):
     """A valid token by query string, Authorization header or first `auth` message gets `welcome`."""
     url, _, _ = server
     tok = token("alice", "staff")
-    if via == "query":
-        ctx = connect(url, tok)
-    elif via == "header":
-        ctx = connect(url, headers=header_auth(tok))
-    else:
-        ctx = connect(url)
-    async with ctx as ws:
+    async with connect_by(url, tok, via) as ws:
         if via == "auth":
             await send_json(ws, {"type": "auth", "token": tok, "id": "a-1"})
         welcome = await recv_json(ws)

@@ -63,6 +63,16 @@ async def next_events(events, count: int) -> list[dict]:
         return [await events.__anext__() for _ in range(count)]
 
 
+async def server_twice(db: Path, port: int, stopped: trio.Event, restarted: trio.Event, order_id: str) -> None:
+    """Serve until `stopped`, write an order while down, then serve again (`restarted`) on the same port."""
+    async with server_on(db, port):
+        await stopped.wait()
+    place_directly(db, "carol", order_id)
+    async with server_on(db, port):
+        restarted.set()
+        await trio.sleep_forever()
+
+
 async def test_resumes_after_a_restart_without_gap_or_duplicate(tmp_path: Path) -> None:
     """After the server restarts, a subscription gets exactly the events it missed and reports the resume."""
     db, port = tmp_path / "orderlog.db", free_port()
@@ -72,15 +82,7 @@ async def test_resumes_after_a_restart_without_gap_or_duplicate(tmp_path: Path) 
     async with trio.open_nursery() as nursery:
         stopped, restarted = trio.Event(), trio.Event()
 
-        async def server_twice() -> None:
-            async with server_on(db, port):
-                await stopped.wait()
-            place_directly(db, "carol", "o-while-down")
-            async with server_on(db, port):
-                restarted.set()
-                await trio.sleep_forever()
-
-        nursery.start_soon(server_twice)
+        nursery.start_soon(server_twice, db, port, stopped, restarted, "o-while-down")
         await trio.sleep(0.2)
         async with connect(f"ws://127.0.0.1:{port}/v1/ws", token("s1", "staff"), on_status=notes.append,
                            **FAST) as client:
@@ -109,15 +111,7 @@ async def test_live_only_subscription_resumes_from_where_it_started(tmp_path: Pa
     async with trio.open_nursery() as nursery:
         stopped, restarted = trio.Event(), trio.Event()
 
-        async def server_twice() -> None:
-            async with server_on(db, port):
-                await stopped.wait()
-            place_directly(db, "carol", "o-missed")
-            async with server_on(db, port):
-                restarted.set()
-                await trio.sleep_forever()
-
-        nursery.start_soon(server_twice)
+        nursery.start_soon(server_twice, db, port, stopped, restarted, "o-missed")
         await trio.sleep(0.2)
         async with connect(f"ws://127.0.0.1:{port}/v1/ws", token("s1", "staff"), **FAST) as client:
             events = client.subscribe("orders").__aiter__()
