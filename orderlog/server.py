@@ -376,7 +376,7 @@ class Service:
                 return
             async with trio.open_nursery() as nursery:
                 writer = SocketWriter(stream, nursery)
-                ws_stream = WriterStream(stream, writer, head.raw)
+                ws_stream = WriterStream(stream, writer, head.raw, settings.max_message_size)
                 with trio.move_on_after(settings.handshake_timeout) as scope:
                     request = await wrap_server_stream(nursery, ws_stream, max_message_size=settings.max_message_size,
                                                        receive_buffer_size=RECEIVE_BUFFER)
@@ -516,6 +516,9 @@ class Connection:
         self._tokens = float(settings.rate_burst)
         self._refilled = time.monotonic()
         self.remote = remote
+        self._ended = False  # run() has returned: messages still read are dropped
+        self._closing = False  # handle_fast asked for a close: messages still read are dropped
+        stream.receiver = self  # simple text messages come to handle_fast (wsfast.WriterStream)
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -528,6 +531,7 @@ class Connection:
                 if self.principal is not None and self.close_reason is None:
                     nursery.start_soon(self._guard, self._receive_loop)
         finally:
+            self._ended = True
             if self.close_reason is not None:
                 code, reason = self.close_reason
             elif self.ws.closed is not None:
@@ -574,10 +578,8 @@ class Connection:
         request_id = None
         if token is None:
             with trio.move_on_after(self.service.settings.auth_timeout):
-                try:
-                    first = await self.ws.get_message()
-                except ConnectionClosed:
-                    raise
+                first = await self.ws.get_message()
+                self.stream.slow_messages -= 1
                 try:
                     message = protocol.parse_json_object(first)
                 except protocol.ClientError:
@@ -657,6 +659,10 @@ class Connection:
             except trio.BrokenResourceError:
                 self.wake()
 
+    def _stop(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     def close_soon(self, code: int, reason: str) -> None:
         if self._nursery is not None:
             try:
@@ -722,6 +728,8 @@ class Connection:
     # receiving ------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        """The messages that come the usual way (fragmented, binary, or sent before the fast path
+        could take them); the others come to handle_fast. Ends when the WebSocket closes."""
         while True:
             await self._room()
             frame = await self.ws.get_message()
@@ -729,6 +737,42 @@ class Connection:
                 await self._dispatch(protocol.parse_request(frame))
             except protocol.ClientError as exc:
                 self.push(protocol.error(exc.code, exc.message, exc.request_id, exc.details))
+            finally:
+                self.stream.slow_messages -= 1
+
+    def takes_fast(self) -> bool:
+        """See wsfast.FastReceiver: after authentication, unless the connection has ended (the
+        stream sends messages the usual way while earlier ones are still on it)."""
+        return self.principal is not None and not self._ended
+
+    async def handle_fast(self, text: str) -> None:
+        """One message, in trio-websocket's reader task (wsfast.WriterStream): what the receive
+        loop does for a message, and what _guard does when that fails. Never raises, except
+        trio.Cancelled."""
+        if self._closing or self.close_reason is not None or self.ws.closed is not None or self._ended:
+            return  # closing: like trio-websocket, drop what comes after
+        try:
+            await self._room()
+            try:
+                await self._dispatch(protocol.parse_request(text))
+            except protocol.ClientError as exc:
+                self.push(protocol.error(exc.code, exc.message, exc.request_id, exc.details))
+        except CloseConnection as exc:
+            # Closing waits for the peer's close frame, which this very task reads: close from
+            # another task, and drop what comes until then.
+            self._closing = True
+            self.close_soon(exc.code, exc.reason)
+        except ConnectionClosed:
+            self.close_reason = self.close_reason or ((self.ws.closed.code, self.ws.closed.reason or "")
+                                                      if self.ws.closed else (1006, ""))
+            self._stop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close_reason = self.close_reason or (1006, "connection lost")
+            self._stop()
+        except Exception:
+            log.exception("event=connection.crashed conn=%d", self.number)
+            self._closing = True
+            self.close_soon(1011, "internal error")
 
     async def _dispatch(self, request: protocol.ClientRequest) -> None:
         principal = self.principal

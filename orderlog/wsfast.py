@@ -24,7 +24,11 @@ from __future__ import annotations
 import os
 from collections import deque
 
+from typing import Protocol
+
 import trio
+
+from .wsrecv import FrameSplitter, MessageEnd
 
 HIGH_WATER = 256 * 1024  # queued bytes beyond which producers wait (or a subscription falls back)
 
@@ -142,6 +146,18 @@ class SocketWriter:
         await trio.lowlevel.checkpoint()
 
 
+class FastReceiver(Protocol):
+    """What WriterStream hands complete text messages to (the server's Connection)."""
+
+    def takes_fast(self) -> bool:
+        """True if a message may be handled now, in the reader task; False sends it the usual
+        way (wsproto, trio-websocket's channel, get_message), for example before authentication
+        or while an earlier message is still on that way."""
+
+    async def handle_fast(self, text: str) -> None:
+        """Handle one message; must not raise (it runs inside trio-websocket's reader task)."""
+
+
 class WriterStream(trio.abc.HalfCloseableStream):
     """The stream trio-websocket sees: reads from the socket, after replaying `prefix` (the bytes
     already read while routing the request), and writes through the connection's SocketWriter.
@@ -149,9 +165,17 @@ class WriterStream(trio.abc.HalfCloseableStream):
     Bytes that came right behind the request head (a client that sends its first frames without
     waiting for the 101) are held back until `accepted` is set: trio-websocket only looks for
     new frames after a read, so frames handed over before the accept would sit unread.
+
+    What comes after the head is split into frames (wsrecv.FrameSplitter). While `receiver`
+    takes them, simple text messages are handed to it right here, inside trio-websocket's reader
+    task, so they skip wsproto, the memory channel and a task switch; everything else (and every
+    message the receiver does not take) reaches trio-websocket as the same bytes, whole frames
+    only. `slow_messages` counts the data messages sent the usual way and not yet handled (the
+    receiver decrements it), so that a fast message never overtakes an earlier slow one.
     """
 
-    def __init__(self, stream: trio.SocketStream, writer: SocketWriter, prefix: bytes = b""):
+    def __init__(self, stream: trio.SocketStream, writer: SocketWriter, prefix: bytes = b"",
+                 max_message_size: int = 64 * 1024):
         self.stream = stream
         self.writer = writer
         end = prefix.find(b"\r\n\r\n")
@@ -159,6 +183,10 @@ class WriterStream(trio.abc.HalfCloseableStream):
         self._head, self._trailing = prefix[:cut], prefix[cut:]
         self.accepted = trio.Event()
         self.last_received = trio.current_time()  # when the peer last sent anything (keep-alive)
+        self._splitter = FrameSplitter(max_message_size)
+        self._items: deque = deque()
+        self.receiver: FastReceiver | None = None
+        self.slow_messages = 0
 
     @property
     def socket(self):  # trio-websocket names the endpoints from it
@@ -169,13 +197,29 @@ class WriterStream(trio.abc.HalfCloseableStream):
             data, self._head = self._head, b""
             await trio.lowlevel.checkpoint()
             return data
-        if self._trailing:
-            await self.accepted.wait()
-            data, self._trailing = self._trailing, b""
-            return data
-        data = await self.stream.receive_some(max_bytes)
-        self.last_received = trio.current_time()
-        return data
+        items = self._items
+        while True:
+            while items:
+                item = items.popleft()
+                if type(item) is not tuple:
+                    if type(item) is MessageEnd:
+                        self.slow_messages += 1
+                    return item
+                text, raw = item
+                receiver = self.receiver
+                if receiver is None or self.slow_messages or not receiver.takes_fast():
+                    self.slow_messages += 1
+                    return raw
+                await receiver.handle_fast(text)
+            if self._trailing:
+                await self.accepted.wait()
+                data, self._trailing = self._trailing, b""
+            else:
+                data = await self.stream.receive_some(max_bytes)
+                if not data:
+                    return b""
+                self.last_received = trio.current_time()
+            items.extend(self._splitter.feed(data))
 
     async def send_all(self, data) -> None:
         self.writer.write(bytes(data))
