@@ -39,9 +39,15 @@ class Metrics:
         lag_gauge.set_function(lag)
         for kind in ("orders", "inventory", "order"):
             self.subscriptions.labels(kind)
+        self._command_children: dict[tuple[str, str], Counter] = {}
 
     def command(self, name: str, outcome: str) -> None:
-        self.commands.labels(name if name in COMMANDS else "unknown", outcome).inc()
+        key = (name if name in COMMANDS else "unknown", outcome)
+        child = self._command_children.get(key)
+        if child is None:
+            # Bounded: the names are COMMANDS or "unknown", the outcomes a fixed set of codes.
+            child = self._command_children[key] = self.commands.labels(*key)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

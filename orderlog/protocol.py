@@ -265,6 +265,12 @@ def reply(kind: str, request_id: str | None, **fields: Any) -> str:
     return encode(message)
 
 
+def ack(request_id: str, seq: int, version: int, events: "tuple[str, ...] | list[str]", duplicate: bool) -> str:
+    """An `ack` frame: the same text as reply("ack", ...) with these fields, built without a dict."""
+    return (f'{{"type":"ack","id":{encode(request_id)},"seq":{int(seq)},"version":{int(version)},'
+            f'"events":{encode(list(events))},"duplicate":{"true" if duplicate else "false"}}}')
+
+
 def error(code: str, message: str, request_id: str | None = None, details: Mapping | None = None) -> str:
     """An `error` frame."""
     fields: dict[str, Any] = {"code": code, "message": message}

@@ -222,6 +222,39 @@ class Hub:
 # -- the service -------------------------------------------------------------------------------
 
 
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread, like trio.to_thread.run_sync (not cancellable while it
+    runs), but the thread starts at once: to_thread first passes a checkpoint (its capacity
+    limiter), which lets every task made runnable meanwhile run before the thread is even
+    asked to start, a few ms per group commit under load. Only the writer uses this (one
+    thread at a time), so it needs no limiter."""
+    token = trio.lowlevel.current_trio_token()
+    task = trio.lowlevel.current_task()
+
+    def deliver(result: Any) -> None:  # in the worker thread
+        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver, name="orderlog writer")
+    return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+
+class Clock:
+    """Now as store.format_time writes it (RFC 3339 UTC, milliseconds), for each command's `at`:
+    the date and time of day are formatted once per second, not once per command."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        moment = time.time()
+        second = int(moment)
+        if second != self._second:
+            self._prefix = format_time(datetime.fromtimestamp(second, timezone.utc))[:-4]  # "...:SS."
+            self._second = second
+        return f"{self._prefix}{int((moment - second) * 1000):03d}Z"
+
+
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -237,6 +270,7 @@ class Service:
         self._behind = False  # the last publish stopped at PUBLISH_LIMIT: read on at once
         self.write_error: str | None = None  # why the last commit failed, until one succeeds
         self.metrics = Metrics(head=lambda: self.hub.head, lag=self.max_lag)
+        self.clock = Clock()
         self.routes = {"/healthz": self._healthz, "/metrics": self._metrics}
 
     def max_lag(self) -> int:
@@ -265,6 +299,15 @@ class Service:
 
     async def submit(self, pending: Pending) -> None:
         await self._send_commands.send(pending)
+
+    def submit_nowait(self, pending: Pending) -> bool:
+        """Hand a command to the writer without a trip through the scheduler; False if its queue
+        is full (then `submit` waits)."""
+        try:
+            self._send_commands.send_nowait(pending)
+        except trio.WouldBlock:
+            return False
+        return True
 
     def _commit(self, requests: list[Request], after: int) -> tuple[list, list[FeedEvent]]:
         outcomes: list = []
@@ -329,7 +372,7 @@ class Service:
         requests = [p.request for p in batch]
         started = time.perf_counter()
         try:
-            outcomes, events = await trio.to_thread.run_sync(self._commit, requests, self.hub.head)
+            outcomes, events = await _in_thread(self._commit, requests, self.hub.head)
             if requests:
                 self.write_error = None
         except Unavailable as exc:
@@ -702,8 +745,7 @@ class Connection:
     def command_done(self, command_id: str, outcome: Ack | Rejected) -> None:
         self.inflight -= 1
         if isinstance(outcome, Ack):
-            self.push(protocol.reply("ack", command_id, seq=outcome.seq, version=outcome.version,
-                                     events=list(outcome.events), duplicate=outcome.duplicate))
+            self.push(protocol.ack(command_id, outcome.seq, outcome.version, outcome.events, outcome.duplicate))
         else:
             self.push(protocol.error_from(outcome, command_id))
         self._space.set()
@@ -789,8 +831,9 @@ class Connection:
                 service.metrics.command(request.command.name, exc.code)
                 raise protocol.ClientError(exc.code, exc.message, request.id, exc.details) from None
             self.inflight += 1
-            at = format_time(datetime.now(timezone.utc))
-            await service.submit(Pending(Request(principal, request.command, at), self))
+            pending = Pending(Request(principal, request.command, service.clock.now()), self)
+            if not service.submit_nowait(pending):
+                await service.submit(pending)
         elif isinstance(request, protocol.Subscribe):
             await self._subscribe(request, principal)
         elif isinstance(request, protocol.Unsubscribe):

@@ -258,3 +258,37 @@ async def test_oversized_and_invalid_frames_behind_good_ones(tmp_path):
                 assert [r["id"] for r in got] == ["p1", "p2"] and code in codes
             finally:
                 await ws.aclose()
+
+
+def test_ack_frame_is_the_generic_reply():
+    """protocol.ack builds by hand exactly what protocol.reply renders."""
+    from orderlog.protocol import ack, reply
+
+    for rid, seq, version, events, dup in (("c-1", 1, 1, ("order-placed", "stock-reserved"), False),
+                                           ('q"\\é😀\u2028', 2**40, 7, (), True)):
+        assert ack(rid, seq, version, events, dup) == reply("ack", rid, seq=seq, version=version,
+                                                          events=list(events), duplicate=dup)
+
+
+async def test_requests_behind_a_refused_refresh_are_dropped_and_nothing_crashes(tmp_path, caplog):
+    """A refresh with a bad token closes with 4001 while more requests sit behind it in the same
+    write: those are dropped, the reader stops on the closed socket (never waits on a closed
+    descriptor, whose number the next connection reuses), and later connections work."""
+    caplog.set_level("INFO", logger="orderlog")
+    async with running_server(tmp_path) as (url, _, _):
+        for _ in range(15):
+            ws = await RawWS.open(url, token("u1"))
+            try:
+                refresh = frame_bytes(TEXT, json.dumps({"type": "auth", "token": "not-a-token"}).encode())
+                assert await ws.send(_ping(1) + refresh + b"".join(_ping(i) for i in range(2, 60)))
+                got, code = await _closed_with(ws, 1)
+                assert [r["id"] for r in got] == ["p1"] and code == 4001
+            finally:
+                await ws.aclose()
+        ws = await RawWS.open(url, token("u1"))
+        try:
+            assert await ws.send(_ping(7))
+            assert [r["id"] for r in await _replies(ws, 1)] == ["p7"]
+        finally:
+            await ws.aclose()
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
