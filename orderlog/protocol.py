@@ -109,8 +109,12 @@ def parse_json_object(text: str | bytes) -> dict[str, Any]:
 
 
 def _encodable(value: Any) -> bool:
+    """Whether a reply could carry `value` back as UTF-8 (no lone surrogate in any string)."""
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        if isinstance(value, str):
+            value.isascii() or value.encode("utf-8")
+        else:
+            _ENCODER.encode(value).encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
@@ -251,9 +255,15 @@ def _short(exc: BaseException) -> str:
 # -- rendering -------------------------------------------------------------------------------
 
 
-def encode(message: Mapping[str, Any]) -> str:
-    """One server frame: compact JSON, UTF-8 as is."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+# json.dumps with these options would build a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_EVENT_LISTS: dict[tuple[str, ...], str] = {}  # the `events` of an ack, rendered once per combination
+
+
+def encode(message: Any) -> str:
+    """One server frame: compact JSON, UTF-8 as is (what json.dumps(message,
+    separators=(",", ":"), ensure_ascii=False) gives)."""
+    return _ENCODER.encode(message)
 
 
 def reply(kind: str, request_id: str | None, **fields: Any) -> str:
@@ -267,8 +277,14 @@ def reply(kind: str, request_id: str | None, **fields: Any) -> str:
 
 def ack(request_id: str, seq: int, version: int, events: "tuple[str, ...] | list[str]", duplicate: bool) -> str:
     """An `ack` frame: the same text as reply("ack", ...) with these fields, built without a dict."""
+    events = tuple(events)
+    rendered = _EVENT_LISTS.get(events)
+    if rendered is None:
+        rendered = encode(list(events))
+        if len(_EVENT_LISTS) < 1024:  # event types are a fixed set: few combinations
+            _EVENT_LISTS[events] = rendered
     return (f'{{"type":"ack","id":{encode(request_id)},"seq":{int(seq)},"version":{int(version)},'
-            f'"events":{encode(list(events))},"duplicate":{"true" if duplicate else "false"}}}')
+            f'"events":{rendered},"duplicate":{"true" if duplicate else "false"}}}')
 
 
 def error(code: str, message: str, request_id: str | None = None, details: Mapping | None = None) -> str:
