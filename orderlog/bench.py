@@ -148,7 +148,7 @@ def start_server(name: str, workdir: Path, secret: str, *, db: str | None = None
     log = workdir / f"{name}-{time.time_ns()}.log"
     if name == "orderlog":
         command = [sys.executable, "-m", "orderlog.cli", "serve", "--db", db, "--host", "127.0.0.1", "--port", "0",
-                   "--jwt-secret", secret, *args]
+                   f"--jwt-secret={secret}", *args]  # one argument: a secret may start with "-"
     else:
         command = [sys.executable, "-m", "orderlog.bench_baselines", name, "--port", "0"]
         if fault:

@@ -89,3 +89,15 @@ def test_fanout_at_a_fixed_rate_where_most_customers_get_nothing(tmp_path: Path)
     assert code == 0, stderr[-2000:]
     run = report["scenarios"]["fanout"]["targets"]["orderlog"]["runs"][0]
     assert run["ok"] and 0 < run["commands"] < run["customers"], run
+
+
+def test_the_server_starts_with_a_secret_that_looks_like_a_flag(tmp_path: Path) -> None:
+    """secrets.token_urlsafe starts with "-" once in 64 runs: it must still reach --jwt-secret
+    (it used to be taken for a flag, so serve exited and the bench printed a traceback)."""
+    from orderlog.bench import start_server
+
+    target = start_server("orderlog", tmp_path, "-Xy9" + "a" * 40, db=str(tmp_path / "flag.db"))
+    try:
+        assert target.alive() and target.url.startswith("ws://")
+    finally:
+        target.stop()
