@@ -593,16 +593,20 @@ class Connection:
         except CloseConnection as exc:
             await self.close(exc.code, exc.reason)
             return
-        except ConnectionClosed:
-            self.close_reason = self.close_reason or ((self.ws.closed.code, self.ws.closed.reason or "")
-                                                      if self.ws.closed else (1006, ""))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lost(exc)
             stop_after = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The socket died under a direct write (the peer reset it): a close without a handshake.
-            self.close_reason = self.close_reason or (1006, "connection lost")
-            stop_after = True
-        if stop_after and self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        if stop_after:
+            self._stop()
+
+    def _lost(self, exc: BaseException) -> None:
+        """Note why the connection ended: the peer's close, or (the socket died under a direct
+        write, the peer reset it) a close without a handshake."""
+        if isinstance(exc, ConnectionClosed):
+            reason = (self.ws.closed.code, self.ws.closed.reason or "") if self.ws.closed else (1006, "")
+        else:
+            reason = (1006, "connection lost")
+        self.close_reason = self.close_reason or reason
 
     async def close(self, code: int, reason: str) -> None:
         """Close with `code` and `reason` (once), then stop every task of this connection."""
@@ -804,12 +808,8 @@ class Connection:
             # another task, and drop what comes until then.
             self._closing = True
             self.close_soon(exc.code, exc.reason)
-        except ConnectionClosed:
-            self.close_reason = self.close_reason or ((self.ws.closed.code, self.ws.closed.reason or "")
-                                                      if self.ws.closed else (1006, ""))
-            self._stop()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.close_reason = self.close_reason or (1006, "connection lost")
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lost(exc)
             self._stop()
         except Exception:
             log.exception("event=connection.crashed conn=%d", self.number)

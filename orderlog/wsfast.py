@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 from collections import deque
-
 from typing import Protocol
 
 import trio
