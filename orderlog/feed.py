@@ -5,7 +5,8 @@ A subscription is a cursor on the log. It reads what follows its cursor from the
 window when the window still holds it, and from SQLite otherwise; so a slow subscriber costs
 a cursor, not a queue, and live delivery costs no query per subscriber.
 
-Pure except for `read_feed`, which runs a blocking SQLite query (call it from a thread).
+Pure except for `read_feed` and `read_frames`, which run a blocking SQLite query (call them
+from a thread).
 """
 
 from __future__ import annotations
@@ -99,11 +100,16 @@ def feed_event(row: Sequence[Any]) -> FeedEvent:
 
 # The same encoding as feed_event, done by SQLite while it reads (catch-up reads many events):
 # json_quote escapes a string exactly as json.encoder.encode_basestring does (tests/test_feed_encoding.py).
-FEED_SQL = """seq, stream, type, owner, order_id, substr(stream, 1, 6) = 'order:',
-    CAST('{"type":"' || type || '","channel":' AS BLOB),
-    CAST(',"seq":' || seq || ',"prev":' AS BLOB),
-    CAST(',"stream":"' || stream || '","version":' || version || ',"at":"' || at || '","actor":' || json_quote(actor)
+_TAIL_SQL = """CAST(',"stream":"' || stream || '","version":' || version || ',"at":"' || at || '","actor":' || json_quote(actor)
          || ',"command_id":' || json_quote(command_id) || ',"data":' || data || ',"hash":"' || hash || '"}' AS BLOB)"""
+FEED_SQL = f"""seq, stream, type, owner, order_id, substr(stream, 1, 6) = 'order:',
+    CAST('{{"type":"' || type || '","channel":' AS BLOB),
+    CAST(',"seq":' || seq || ',"prev":' AS BLOB),
+    {_TAIL_SQL}"""
+# For catch-up frames of one channel: the text up to "prev": (channel name bound as the first
+# parameter) and the tail. Three columns instead of nine, and no FeedEvent: about half the cost.
+_FRAME_SQL = f"""seq, CAST('{{"type":"' || type || '","channel":' || ? || ',"seq":' || seq || ',"prev":' AS BLOB),
+    {_TAIL_SQL}"""
 
 
 @attrs.frozen
@@ -123,6 +129,12 @@ class Channel:
         if self.name == "inventory":
             return not event.is_order
         return event.stream == self.name
+
+    @property
+    def may_redact(self) -> bool:
+        """Whether some event of this channel may reach this subscriber redacted (a customer's
+        own `orders` never are)."""
+        return self.principal.role == "customer" and self.name != "orders"
 
     def redacts(self, event: FeedEvent) -> bool:
         """Whether this subscriber gets the event without `data.order_id`."""
@@ -148,6 +160,31 @@ def read_feed(conn: sqlite3.Connection, channel: Channel | None, after: int, unt
         [after, until, *params, limit],
     )
     return [FeedEvent(*r) for r in rows]
+
+
+def read_frames(conn: sqlite3.Connection, channel: Channel, after: int, until: int, limit: int,
+                prev: int) -> tuple[list[bytes], int]:
+    """The WebSocket frames `channel` gets for its events with after < seq <= until (at most
+    `limit` of them), the first one's `prev` being `prev`; and the last one's seq (`prev` if none)."""
+    name = channel.json_name
+    if channel.may_redact:
+        frames = []
+        for event in read_feed(conn, channel, after, until, limit):
+            frames.append(event.frame(name, prev, channel.redacts(event)))
+            prev = event.seq
+        return frames, prev
+    where, params = channel.sql()
+    rows = conn.execute(
+        f"SELECT {_FRAME_SQL} FROM events WHERE seq > ? AND seq <= ? AND {where} ORDER BY seq LIMIT ?",
+        [name.decode(), after, until, *params, limit],
+    )
+    frames = []
+    append = frames.append
+    for seq, head, tail in rows:
+        prev_bytes = str(prev).encode()
+        append(b"".join((frame_header(len(head) + len(prev_bytes) + len(tail)), head, prev_bytes, tail)))
+        prev = seq
+    return frames, prev
 
 
 class Window:

@@ -40,7 +40,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from . import auth, http, protocol
 from .auth import AUTH_CLOSE_CODE, AuthError, Keys
 from .domain import Principal, Rejected, authorize, can_see_order, validate
-from .feed import Channel, FeedEvent, Window, feed_event, read_feed
+from .feed import Channel, FeedEvent, Window, feed_event, read_feed, read_frames
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, channel_kind
 from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
@@ -948,25 +948,27 @@ class Connection:
         if window.covers(sub.cursor):
             events = window.after(sub.cursor, WINDOW_PAGE)
             cursor = events[-1].seq
-            visible = [e for e in events if channel.sees(e)]
-        else:
-            until = hub.head
-            visible = await self.service.readers.run(_read_channel, channel, sub.cursor, until, CATCHUP_PAGE)
-            cursor = until if len(visible) < CATCHUP_PAGE else visible[-1].seq
-            if self.subs.get(channel.name) is not sub or sub.attached:
-                return  # replaced or unsubscribed while reading
-        if visible:
             name, prev, redact = sub.channel_json, sub.prev, sub.redact
             frames = []
-            for event in visible:
-                frames.append(event.frame(name, prev, redact and channel.redacts(event)))
-                prev = event.seq
+            for event in events:
+                if channel.sees(event):
+                    frames.append(event.frame(name, prev, redact and channel.redacts(event)))
+                    prev = event.seq
+        else:
+            until = hub.head
+            frames, prev = await self.service.readers.run(_read_frames, channel, sub.cursor, until,
+                                                          CATCHUP_PAGE, sub.prev)
+            cursor = until if len(frames) < CATCHUP_PAGE else prev
+            if self.subs.get(channel.name) is not sub or sub.attached:
+                return  # replaced or unsubscribed while reading
+        if frames:
             sub.prev = prev
             self.write_frames(frames)
         sub.cursor = cursor
 
-def _read_channel(store: Store, channel: Channel, after: int, until: int, limit: int) -> list[FeedEvent]:
-    return read_feed(store.conn, channel, after, until, limit)
+
+def _read_frames(store: Store, channel: Channel, after: int, until: int, limit: int, prev: int) -> tuple[list[bytes], int]:
+    return read_frames(store.conn, channel, after, until, limit, prev)
 
 
 # -- running the server ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 
 from orderlog.domain import Command, Principal
-from orderlog.feed import FEED_COLUMNS, feed_event, read_feed
+from orderlog.feed import FEED_COLUMNS, Channel, feed_event, read_feed, read_frames
 from orderlog.store import Request, Store
 
 # Any text without lone surrogates (the protocol refuses those), control characters included.
@@ -37,5 +37,57 @@ def test_sql_and_python_encodings_agree(pairs):
                 message = json.loads(b.payload(b'"inventory"', 0))
                 row = rows[a.seq - 1]
                 assert (message["actor"], message["command_id"]) == (row[5], row[6])
+        finally:
+            store.close()
+
+
+def _subscriber_frames(events, channel, after, prev):
+    """What the live path sends `channel` (FeedEvent.frame per visible event, prev chained)."""
+    frames = []
+    for event in events:
+        if event.seq > after and channel.sees(event):
+            frames.append(event.frame(channel.json_name, prev, channel.redacts(event)))
+            prev = event.seq
+    return frames, prev
+
+
+@settings(max_examples=30, deadline=None)
+@given(customers=st.lists(TEXT, min_size=1, max_size=3, unique=True),
+       picks=st.lists(st.tuples(st.integers(0, 2), TEXT, st.booleans()), min_size=1, max_size=10),
+       after=st.integers(0, 12), page=st.integers(1, 6))
+def test_catch_up_frames_equal_the_live_frames(customers, picks, after, page):
+    """read_frames (catch-up, encoded by SQLite) gives every channel, customer or staff, the
+    same frame bytes, prev chain and redactions as the live path, page by page."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store.open(str(Path(folder) / "f.db"), create=True)
+        try:
+            requests = [Request(Principal("staff-1", "staff"), Command("add_stock", "s0", data={"sku": "k", "quantity": 50}),
+                                "2026-11-25T17:03:00.123Z")]
+            for i, (who, command_id, place) in enumerate(picks):
+                customer = customers[who % len(customers)]
+                if place:
+                    command = Command("place_order", command_id, order_id=f"o{i}", data={"items": [{"sku": "k", "quantity": 1}]})
+                    requests.append(Request(Principal(customer, "customer"), command, "2026-11-25T17:03:01.000Z"))
+                else:
+                    command = Command("add_stock", command_id, data={"sku": f"k{i % 2}", "quantity": 1})
+                    requests.append(Request(Principal("staff-1", "staff"), command, "2026-11-25T17:03:02.000Z"))
+            store.execute_batch(requests)
+            head = store.head()
+            rows = store.conn.execute(f"SELECT {FEED_COLUMNS} FROM events ORDER BY seq").fetchall()
+            events = [feed_event(r) for r in rows]
+            principals = [Principal("staff-1", "staff")] + [Principal(c, "customer") for c in customers]
+            names = ["orders", "inventory", "sku:k", "order:o0"]
+            for principal in principals:
+                for name in names:
+                    channel = Channel(name, principal)
+                    expected, _ = _subscriber_frames(events, channel, after, after)
+                    got, cursor, prev = [], after, after
+                    while True:  # page by page, as the send loop reads
+                        frames, prev = read_frames(store.conn, channel, cursor, head, page, prev)
+                        got.extend(frames)
+                        if len(frames) < page:
+                            break
+                        cursor = prev
+                    assert got == expected, (principal, name)
         finally:
             store.close()
