@@ -152,6 +152,7 @@ class SeedGenerator:
         self.pools = {status: _Pool() for status in ("placed", "approved", "shipped")}
         self.commands = 0
         self.placed = 0
+        self._principals: dict[str, Principal] = {}  # one (immutable) Principal per user
         self._skus = [sku for sku, _, _ in CATALOG]
         self._popularity = list(itertools.accumulate(p for _, _, p in CATALOG))
         self._names = {sku: name for sku, name, _ in CATALOG}
@@ -228,7 +229,10 @@ class SeedGenerator:
     def _request(self, at: str, user: str, role: str, name: str, order_id: str | None,
                  data: dict[str, Any], expect: str | None) -> Planned:
         command = Command(name, f"{self.run}-c{self.commands}", order_id, None, data)
-        return Planned(Request(Principal(user, role), command, at), expect)
+        principal = self._principals.get(user)
+        if principal is None or principal.role != role:
+            principal = self._principals[user] = Principal(user, role)
+        return Planned(Request(principal, command, at), expect)
 
     def _staff(self) -> str:
         return STAFF[self.rng.randrange(len(STAFF))]

@@ -11,6 +11,7 @@ This module does blocking I/O: the service calls it from a worker thread.
 from __future__ import annotations
 
 import hashlib
+from hashlib import sha256 as _sha256
 import importlib.resources
 import json
 import logging
@@ -37,7 +38,6 @@ from .domain import (
     evolve_order,
     evolve_stock,
     fold,
-    order_of_event,
     stream_of,
 )
 
@@ -51,6 +51,9 @@ WRITER_CACHE_KIB = 32 * 1024  # page cache of the writer (a bounded share of RSS
 # WAL pages between automatic checkpoints (SQLite's default is 1000): each checkpoint copies
 # the hot index pages back into the file, so doing it less often makes appends much cheaper.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+# Projection rows a writer keeps between batches (open orders and stock levels, ~0.5 KB each).
+PROJECTION_CACHE_ROWS = 20_000
+FINISHED = frozenset({"delivered", "cancelled"})  # order statuses after which nothing changes
 
 EVENT_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash"
 _PLAIN_TYPES = frozenset(t for t in EVENT_TYPES if t.replace("-", "").isalnum() and t.isascii())
@@ -120,10 +123,20 @@ def _dumps_validated(value: Any) -> str:
     return "".join(_VALIDATED_ENCODER(value, 0))
 
 
+_TYPES_TEXT: dict[tuple[str, ...], str] = {}  # memo of _event_types_text (few distinct lists of known types)
+
+
 def _event_types_text(types: Sequence[str]) -> str:
     """`dumps(list(types))` for the commands table; the known types need no escaping."""
+    key = tuple(types)
+    text = _TYPES_TEXT.get(key)
+    if text is not None:
+        return text
     if all(t in _PLAIN_TYPES for t in types):
-        return '["' + '","'.join(types) + '"]'
+        text = '["' + '","'.join(types) + '"]'
+        if len(_TYPES_TEXT) < 1000:
+            _TYPES_TEXT[key] = text
+        return text
     return dumps(list(types))
 
 
@@ -140,23 +153,6 @@ def event_hash(prev_hash: bytes, event: Event) -> str:
         "data": event.data,
     }
     return hashlib.sha256(prev_hash + dumps(body).encode()).hexdigest()
-
-
-def _canonical_event(seq: int, stream: str, version: int, type_: str, at: str, actor: str, command_id: str,
-                     data_text: str) -> bytes | None:
-    """`canonical(event)` assembled from `dumps(data)` without a second encoding of the data.
-
-    Byte-identical to `dumps(body).encode()` in `event_hash` (keys in sorted order); returns
-    None when a field is not of the plain type this shortcut handles.
-    """
-    if not (type(seq) is int and type(version) is int and type(stream) is str and type(type_) is str
-            and type(at) is str and type(actor) is str and type(command_id) is str):
-        return None
-    return (
-        '{"actor":' + _encode_str(actor) + ',"at":' + _encode_str(at) + ',"command_id":' + _encode_str(command_id)
-        + ',"data":' + data_text + ',"seq":' + str(seq) + ',"stream":' + _encode_str(stream)
-        + ',"type":' + _encode_str(type_) + ',"version":' + str(version) + "}"
-    ).encode()
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -332,6 +328,12 @@ class Store:
         self.readonly = readonly
         self.log_id = self._meta("log_id")
         self.last_appended: list[tuple] = []
+        # The projection rows this writer last committed, so that the next batch need not read
+        # them back. Valid only while the log's head is still `_cache_head` (seq, hash): any
+        # other writer moves the head, and then the cache is dropped (_decide_batch).
+        self._cache_head: tuple[int, str] | None = None
+        self._order_cache: dict[str, Order] = {}
+        self._stock_cache: dict[str, Stock] = {}
 
     # opening ----------------------------------------------------------------------------
 
@@ -473,16 +475,39 @@ class Store:
             outcomes, rows = self._decide_batch(requests)
             self._write_batch(rows)
             self.conn.execute("COMMIT")
-            # The rows just appended, in FEED_COLUMNS order (feed.py), so that the service can
-            # publish them without reading them back.
-            self.last_appended = rows.events
-            return outcomes
         except sqlite3.Error as exc:
             self._rollback()
             raise Unavailable(_sqlite_reason(exc)) from None
         except BaseException:
             self._rollback()
             raise
+        # The rows just appended, in FEED_COLUMNS order (feed.py), so that the service can
+        # publish them without reading them back.
+        self.last_appended = rows.events
+        if rows.events:
+            self._remember(rows)
+        return outcomes
+
+    def _remember(self, rows: "_BatchRows") -> None:
+        """Keep the projection rows just committed for the next batch (bounded: finished orders
+        are not kept, and a cache over its cap starts again empty)."""
+        orders, stock = self._order_cache, self._stock_cache
+        if len(orders) > PROJECTION_CACHE_ROWS or len(stock) > PROJECTION_CACHE_ROWS:
+            orders.clear()
+            stock.clear()
+        for order_id, order in rows.orders.items():
+            if order.status in FINISHED:
+                orders.pop(order_id, None)
+            else:
+                orders[order_id] = order
+        stock.update(rows.stock)
+        last = rows.events[-1]
+        self._cache_head = (last[0], last[8])
+
+    def _forget_cache(self) -> None:
+        self._cache_head = None
+        self._order_cache.clear()
+        self._stock_cache.clear()
 
     def probe_writable(self) -> None:
         """Commit a transaction that leaves no trace (a row inserted and deleted again) to learn
@@ -510,6 +535,8 @@ class Store:
     def _decide_batch(self, requests: Sequence[Request]) -> tuple[list[Outcome], "_BatchRows"]:
         conn = self.conn
         row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is None or (row[0], row[1]) != self._cache_head:
+            self._forget_cache()  # another writer appended (or nothing is known yet): read it all
         seq, prev_hash = (row[0], bytes.fromhex(row[1])) if row else (0, ZERO_HASH)
         orders, stock = self._load_state(requests)
         state = State(orders, stock)
@@ -533,50 +560,60 @@ class Store:
                 log.exception("event=decide.crashed actor=%r command=%r", key[0], request.command.name)
                 outcomes.append(Rejected("internal", "internal error; the command was not applied"))
                 continue
-            events: list[Event] = []
-            texts: list[str] = []
+            at, actor, command_id = request.at, key[0], key[1]
+            # canonical(event) (event_hash) without a second encoding of the data: keys in
+            # sorted order, the per-command fields encoded once. Only for plain str fields;
+            # anything else takes event_hash's general path.
+            plain = type(at) is str and type(actor) is str and type(command_id) is str
+            if plain:
+                head = ('{"actor":' + _encode_str(actor) + ',"at":' + _encode_str(at) + ',"command_id":'
+                        + _encode_str(command_id) + ',"data":')
             touched_orders: dict[str, Order] = {}
             touched_stock: dict[str, Stock] = {}
-            at, actor, command_id = request.at, request.principal.user, request.command.command_id
+            types: list[str] = []
             for new in new_events:
                 seq += 1
-                kind, _, key_ = new.stream.partition(":")
-                if kind == "order":
+                stream, type_, data = new.stream, new.type, new.data
+                is_order = stream.startswith("order:")
+                if is_order:
+                    key_ = stream[6:]
                     current = touched_orders.get(key_) or orders.get(key_)
-                    version = (current.version if current else 0) + 1
                 else:
+                    key_ = stream[4:]
                     current = touched_stock.get(key_) or stock.get(key_)
-                    version = (current.version if current else 0) + 1
-                data_text = _dumps_validated(new.data)
-                canonical = _canonical_event(seq, new.stream, version, new.type, at, actor, command_id, data_text)
-                if canonical is not None:
-                    digest = hashlib.sha256(prev_hash + canonical).digest()
-                    event = Event(seq, new.stream, version, new.type, at, actor, command_id, new.data, digest.hex())
+                version = (current.version if current else 0) + 1
+                data_text = _dumps_validated(data)
+                if plain and type(stream) is str and type(type_) is str:
+                    canonical = (head + data_text + ',"seq":' + str(seq) + ',"stream":' + _encode_str(stream)
+                                 + ',"type":' + _encode_str(type_) + ',"version":' + str(version) + "}").encode()
+                    digest = _sha256(prev_hash + canonical).digest()
+                    event = Event(seq, stream, version, type_, at, actor, command_id, data, digest.hex())
                 else:
-                    event = Event(seq, new.stream, version, new.type, at, actor, command_id, new.data)
+                    event = Event(seq, stream, version, type_, at, actor, command_id, data)
                     event = attrs.evolve(event, hash=event_hash(prev_hash, event))
                     digest = bytes.fromhex(event.hash)
                 prev_hash = digest
-                texts.append(data_text)
-                if kind == "order":
-                    touched_orders[key_] = evolve_order(current, event)  # type: ignore[arg-type]
+                if is_order:
+                    touched_orders[key_] = order = evolve_order(current, event)  # type: ignore[arg-type]
+                    order_id: str | None = key_
+                    owner = order.customer  # type: ignore[union-attr]
                 else:
                     touched_stock[key_] = evolve_stock(current, event)  # type: ignore[arg-type]
-                events.append(event)
+                    order_id = data.get("order_id")
+                    found = (touched_orders.get(order_id) or orders.get(order_id)) if order_id is not None else None
+                    owner = found.customer if found is not None else None
+                types.append(type_)
+                rows.events.append((seq, stream, version, type_, at, actor, command_id, data_text, event.hash,
+                                    order_id, owner))
             orders.update(touched_orders)
             stock.update(touched_stock)
             target = stream_of(request.command)
-            target_kind, _, target_key = target.partition(":")
-            target_version = (orders if target_kind == "order" else stock)[target_key].version
-            ack = Ack(seq, target_version, tuple([e.type for e in events]))
+            target_version = (orders[target[6:]] if target.startswith("order:") else stock[target[4:]]).version
+            event_types = tuple(types)
+            ack = Ack(seq, target_version, event_types)
             seen[key] = ack
             outcomes.append(ack)
-            for event, data_text in zip(events, texts):
-                order_id = order_of_event(event.stream, event.data)
-                owner = orders[order_id].customer if order_id in orders else None
-                rows.events.append((event.seq, event.stream, event.version, event.type, event.at, event.actor,
-                                    event.command_id, data_text, event.hash, order_id, owner))
-            rows.commands.append((key[0], key[1], ack.seq, ack.version, _event_types_text(ack.events)))
+            rows.commands.append((actor, command_id, seq, target_version, _event_types_text(event_types)))
             rows.orders.update(touched_orders)
             rows.stock.update(touched_stock)
             rows.last_seq = seq
@@ -630,10 +667,13 @@ class Store:
             items = data.get("items")
             if isinstance(items, list):
                 skus.update(i["sku"] for i in items if isinstance(i, Mapping) and isinstance(i.get("sku"), str))
-        orders = {o.order_id: o for o in self._load_many(ORDER_COLUMNS, "orders", "order_id", order_ids, _row_to_order)}
+        orders = _cached(self._order_cache, order_ids)
+        orders.update((o.order_id, o) for o in self._load_many(
+            ORDER_COLUMNS, "orders", "order_id", order_ids - orders.keys(), _row_to_order))
         for order in orders.values():
             skus.update(sku for sku, _ in order.items)
-        stock = {s.sku: s for s in self._load_many(STOCK_COLUMNS, "stock", "sku", skus, _row_to_stock)}
+        stock = _cached(self._stock_cache, skus)
+        stock.update((s.sku, s) for s in self._load_many(STOCK_COLUMNS, "stock", "sku", skus - stock.keys(), _row_to_stock))
         return orders, stock
 
     def _load_many(self, columns: str, table: str, key: str, keys: set[str], convert: Callable) -> list:
@@ -671,6 +711,7 @@ class Store:
         return self.rebuild(progress) if done == 0 else self._fold_tail(done)
 
     def _fold_tail(self, done: int) -> int:
+        self._forget_cache()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             events = list(self.iter_events(Filter(after=done)))
@@ -711,6 +752,7 @@ class Store:
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Recompute the projections from the log; return the number of events folded."""
+        self._forget_cache()
         state, last = self.fold_log(progress)
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -734,6 +776,13 @@ class Store:
         orders = {o.order_id: o for o in map(_row_to_order, self.conn.execute(f"SELECT {ORDER_COLUMNS} FROM orders"))}
         stock = {s.sku: s for s in map(_row_to_stock, self.conn.execute(f"SELECT {STOCK_COLUMNS} FROM stock"))}
         return State(orders, stock)
+
+
+def _cached(cache: dict, keys: set[str]) -> dict:
+    """The entries of `cache` for `keys` (a new dict)."""
+    if not cache:
+        return {}
+    return {k: cache[k] for k in keys if k in cache}
 
 
 @attrs.define
