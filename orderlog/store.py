@@ -553,6 +553,10 @@ class Store:
             try:
                 new_events = decide(request.command, request.principal, state)
             except Rejected as rejection:
+                # Kept without its traceback: that would hold this frame, whose `outcomes`
+                # holds the rejection, a cycle that keeps the whole batch alive until the
+                # garbage collector finds it.
+                rejection.__traceback__ = None
                 outcomes.append(rejection)
                 continue
             except Exception:
