@@ -96,6 +96,11 @@ WEIGHTS: tuple[tuple[str, float], ...] = (
 )
 
 
+# The staff steps of an order: the status each one needs, and the status it leads to.
+_ADVANCES_FROM = {"approve_order": "placed", "ship_order": "approved", "deliver_order": "shipped"}
+_ADVANCES_TO = {"approve_order": "approved", "ship_order": "shipped", "deliver_order": "delivered"}
+
+
 @attrs.define
 class SeedOrder:
     """What the generator believes about one order it placed."""
@@ -212,7 +217,7 @@ class SeedGenerator:
             return self._restock(at)
         if kind == "mistake":
             return self._mistake(at)
-        status = {"approve_order": "placed", "ship_order": "approved", "deliver_order": "shipped"}.get(kind)
+        status = _ADVANCES_FROM.get(kind)
         if status is not None:
             if not self.pools[status]:
                 return self._place_order(at)
@@ -289,7 +294,7 @@ class SeedGenerator:
         if name == "ship_order":
             data["carrier"] = self.rng.choice(CARRIERS)
             data["tracking"] = f"{data['carrier'][:2].upper()}{self.rng.randrange(10**9):09d}"
-        self._move(order, {"approve_order": "approved", "ship_order": "shipped", "deliver_order": "delivered"}[name])
+        self._move(order, _ADVANCES_TO[name])
         return self._request(at, self._staff(), "staff", name, order.order_id, data, None)
 
     def _pick_open(self) -> SeedOrder | None:

@@ -598,6 +598,8 @@ class Store:
                     digest = bytes.fromhex(event.hash)
                 prev_hash = digest
                 if is_order:
+                    if current is None:
+                        rows.created.add(key_)
                     touched_orders[key_] = order = evolve_order(current, event)  # type: ignore[arg-type]
                     order_id: str | None = key_
                     owner = order.customer  # type: ignore[union-attr]
@@ -698,7 +700,16 @@ class Store:
                          rows.events)
         conn.executemany("INSERT INTO commands (actor, command_id, seq, version, events) VALUES (?,?,?,?,?)",
                          rows.commands)
-        _write_projections(conn, rows.orders.values(), rows.stock.values())
+        # An order's items never change after order-created, so an existing order's row is
+        # updated without its items (not encoded again); new orders are inserted whole.
+        created = rows.created
+        updated = [(o.status, o.ship_to, o.note, o.version, o.updated_at, o.last_seq, o.order_id)
+                   for o in rows.orders.values() if o.order_id not in created]
+        if updated:
+            cursor = conn.executemany(_ORDER_UPDATE, updated)
+            if cursor.rowcount != len(updated):  # a row that should exist does not: never drop an update
+                _write_projections(conn, (o for o in rows.orders.values() if o.order_id not in created), ())
+        _write_projections(conn, (rows.orders[order_id] for order_id in created), rows.stock.values())
         conn.execute("UPDATE meta SET value = ? WHERE key = 'projection_seq'", (str(rows.last_seq),))
 
     # projections ------------------------------------------------------------------------
@@ -794,6 +805,7 @@ class _BatchRows:
     events: list[tuple] = attrs.Factory(list)
     commands: list[tuple] = attrs.Factory(list)
     orders: dict[str, Order] = attrs.Factory(dict)
+    created: set[str] = attrs.Factory(set)  # ids of the orders created in the batch
     stock: dict[str, Stock] = attrs.Factory(dict)
     last_seq: int = 0
 
@@ -825,6 +837,8 @@ def _upsert(table: str, columns: str) -> str:
 
 
 _ORDER_UPSERT = _upsert("orders", ORDER_COLUMNS)
+_ORDER_UPDATE = ("UPDATE orders SET status = ?, ship_to = ?, note = ?, version = ?, updated_at = ?, last_seq = ? "
+                 "WHERE order_id = ?")
 _STOCK_UPSERT = _upsert("stock", STOCK_COLUMNS)
 
 
