@@ -4,7 +4,8 @@ Theory of operation.
 - One writer task owns the writing SQLite connection. Connections hand it commands through a
   bounded channel; it takes whatever is waiting (in arrival order), commits it as one batch in a
   worker thread (group commit), publishes the new events to the in-memory window, and only
-  then sends the acks.
+  then sends the acks. Pipelined: the next batch starts committing as soon as one has committed,
+  and the one committed is published and acked while the next commits.
 - Each connection runs one nursery: its receive loop (requests) and, only while one of its
   subscriptions is catching up, a send loop (catch-up pages and `live` markers). Keep-alive pings
   and token expiry of all connections are checked by one sweep task. Every byte for a connection
@@ -222,20 +223,47 @@ class Hub:
 # -- the service -------------------------------------------------------------------------------
 
 
-async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)` in a worker thread, like trio.to_thread.run_sync (not cancellable while it
-    runs), but the thread starts at once: to_thread first passes a checkpoint (its capacity
-    limiter), which lets every task made runnable meanwhile run before the thread is even
-    asked to start, a few ms per group commit under load. Only the writer uses this (one
-    thread at a time), so it needs no limiter."""
-    token = trio.lowlevel.current_trio_token()
-    task = trio.lowlevel.current_task()
+class _InThread:
+    """`fn(*args)`, started at once in a worker thread; `await wait()` for its result.
 
-    def deliver(result: Any) -> None:  # in the worker thread
-        token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+    Like trio.to_thread.run_sync (the result cannot be abandoned: `wait` is not cancellable),
+    but the thread starts before the caller's next checkpoint, and the caller may do other work
+    meanwhile. to_thread first passes a checkpoint (its capacity limiter), which lets every task
+    made runnable meanwhile run before the thread is even asked to start, a few ms per group
+    commit under load. Only the writer uses this, one thread at a time, so it needs no limiter.
+    """
 
-    trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver, name="orderlog writer")
-    return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._result: Any = None  # an outcome.Outcome once the thread is done
+        self._task: Any = None  # the task waiting for it
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: Any) -> None:  # in the worker thread
+            token.run_sync_soon(self._arrived, result)
+
+        trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver, name="orderlog writer")
+
+    def _arrived(self, result: Any) -> None:
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task, result)
+        else:
+            self._result = result
+
+    async def wait(self) -> Any:
+        if self._result is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._result.unwrap()
+        self._task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+
+@attrs.frozen
+class _Committed:
+    """A batch whose commit has ended: one outcome per command, and the events to publish."""
+
+    batch: list[Pending]
+    outcomes: list
+    events: list[FeedEvent]
 
 
 class Clock:
@@ -268,6 +296,7 @@ class Service:
         self.writer_alive = False
         self.stopping = False
         self._behind = False  # the last publish stopped at PUBLISH_LIMIT: read on at once
+        self._read_head = self.hub.head  # the last event a commit returned (published or about to be)
         self.write_error: str | None = None  # why the last commit failed, until one succeeds
         self.metrics = Metrics(head=lambda: self.hub.head, lag=self.max_lag)
         self.clock = Clock()
@@ -334,26 +363,52 @@ class Service:
                 connection.tick(now, wall, interval)
 
     async def writer(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Take waiting commands, commit them as one batch, publish, then ack."""
+        """Take waiting commands and commit them as one batch; then publish and ack them.
+
+        Pipelined: as soon as a batch is committed, the next one (the commands that arrived
+        meanwhile) starts committing in the worker thread, and the first is published and acked
+        while it runs. Commits stay one at a time and in order; publishes and acks too, each
+        after its own commit.
+        """
         self.writer_alive = True
         task_status.started()
+        committed: _Committed | None = None  # committed, not yet published and acked
         try:
             while True:
                 batch: list[Pending] = []
-                with trio.move_on_after(0 if self._behind else EXTERNAL_POLL):
-                    try:
-                        batch.append(await self._receive_commands.receive())
-                    except trio.EndOfChannel:
-                        return
+                closed = False
+                if committed is None:  # nothing to do meanwhile: wait for a command (or poll)
+                    with trio.move_on_after(0 if self._behind else EXTERNAL_POLL):
+                        try:
+                            batch.append(await self._receive_commands.receive())
+                        except trio.EndOfChannel:
+                            return
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._receive_commands.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
+                    except trio.WouldBlock:
                         break
-                await self._run_batch(batch)
-                if not batch and self.write_error is not None:
-                    await self._probe_writable()
+                    except trio.EndOfChannel:
+                        closed = True
+                        break
+                commit = None
+                if batch or committed is None:  # an empty batch reads what another process wrote
+                    commit = _InThread(self._commit, [p.request for p in batch], self._read_head)
+                    started = time.perf_counter()
+                if committed is not None:
+                    self._finish(committed)  # while `commit` runs
+                    committed = None
+                if commit is not None:
+                    committed = await self._committed(batch, commit, started)
+                    if not batch and self.write_error is not None:
+                        self._finish(committed)
+                        committed = None
+                        await self._probe_writable()
+                if closed:
+                    return
         finally:
+            if committed is not None:
+                self._finish(committed)
             self.writer_alive = False
 
     async def _probe_writable(self) -> None:
@@ -368,12 +423,11 @@ class Service:
             log.info("event=commit.recovered")
             self.write_error = None
 
-    async def _run_batch(self, batch: list[Pending]) -> None:
-        requests = [p.request for p in batch]
-        started = time.perf_counter()
+    async def _committed(self, batch: list[Pending], commit: _InThread, started: float) -> "_Committed":
+        """The outcome of `commit` (running `batch`): acks and events, or the same rejection for all."""
         try:
-            outcomes, events = await _in_thread(self._commit, requests, self.hub.head)
-            if requests:
+            outcomes, events = await commit.wait()
+            if batch:
                 self.write_error = None
         except Unavailable as exc:
             log.error("event=commit.failed commands=%d reason=%r", len(batch), str(exc))
@@ -384,13 +438,19 @@ class Service:
             log.exception("event=commit.crashed commands=%d", len(batch))
             outcomes = [Rejected("internal", "internal error; the command was not applied")] * len(batch)
             events = []
-        if requests:
-            self.metrics.batch_size.observe(len(requests))
+        if batch:
+            self.metrics.batch_size.observe(len(batch))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        if events:
+            self._read_head = events[-1].seq
         self._behind = len(events) >= PUBLISH_LIMIT
-        self.hub.publish(events)
+        return _Committed(batch, outcomes, events)
+
+    def _finish(self, committed: "_Committed") -> None:
+        """Publish a committed batch's events, then ack its commands."""
+        self.hub.publish(committed.events)
         appended = 0
-        for pending, outcome in zip(batch, outcomes):
+        for pending, outcome in zip(committed.batch, committed.outcomes):
             if isinstance(outcome, Ack) and not outcome.duplicate:
                 appended += len(outcome.events)
             self.metrics.command(pending.request.command.name, _outcome_label(outcome))

@@ -852,3 +852,39 @@ async def test_many_subscribers_under_concurrent_writers_each_get_their_exact_fe
                     assert not [f for f in client.inbox if f["type"] in EVENT_TYPES], client.welcome["user"]
                 assert head == (await staff.ping())["head"]
                 finished.set()
+
+
+async def test_pipelined_commits_publish_before_they_ack_and_keep_every_order(tmp_path):
+    """Staff connections, each subscribed to `inventory`, send bursts of add_stock without waiting
+    for replies, so that one batch commits while the one before it is published and acked.
+    Each connection gets its acks in the order it sent the commands, the event of every ack
+    before the ack itself (published, then acked), and the acks of all connections together
+    are the whole log, once each."""
+    async with running_server(tmp_path, **UNLIMITED) as (url, _, _):
+        per_connection, connections = 60, 6
+        seen: dict[str, list[dict]] = {}
+
+        async def burst(n: int) -> None:
+            async with session(url, f"staff-{n}", "staff") as client:
+                await client.subscribe("inventory", since=0)
+                await client.live("inventory")
+                ids = [f"b{n}-{i}" for i in range(per_connection)]
+                for command_id in ids:  # all sent before any reply is read
+                    await client.send({"type": "command", "id": command_id, "name": "add_stock",
+                                       "data": {"sku": f"sku-{n}", "quantity": 1}})
+                frames = await client.until(lambda f: f.get("id") == ids[-1], timeout=TIMEOUT)
+                acks = [f for f in frames if f["type"] == "ack"]
+                assert [a["id"] for a in acks] == ids, "acks out of the order the commands were sent"
+                events_seen = set()
+                for frame in frames:
+                    if frame["type"] in EVENT_TYPES:
+                        events_seen.add(frame["seq"])
+                    elif frame["type"] == "ack":
+                        assert frame["seq"] in events_seen, f"ack of seq {frame['seq']} before its event"
+                seen[f"staff-{n}"] = acks
+
+        async with trio.open_nursery() as nursery:
+            for n in range(connections):
+                nursery.start_soon(burst, n)
+        seqs = sorted(a["seq"] for acks in seen.values() for a in acks)
+        assert seqs == list(range(1, per_connection * connections + 1))
