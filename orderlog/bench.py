@@ -596,24 +596,24 @@ def run_scenario(scenario: str, o: argparse.Namespace, tokens: Tokens, workdir: 
     replay_db = ensure_log(o.cache_dir, o.events, say) if scenario == "replay" and not o.url else None
     for attempt in range(o.repeat):
         for name in targets:
-            if name == "orderlog" and o.url:
-                target = Target("orderlog", o.url, o.server_pid, None, None)
-            else:
-                db = str(replay_db) if replay_db else str(workdir / f"{scenario}-{attempt}.db")
-                target = start_server(name, workdir, tokens.secret, db=db, args=server_args(scenario, o),
-                                      fault=o.fault if name != "orderlog" else None)
-            say(f"{scenario} run {attempt + 1}/{o.repeat} against {name} ({target.url}) ...")
-            try:
+            target: Target | None = None
+            try:  # a server that does not start is a FAILED run too, not a traceback
+                if name == "orderlog" and o.url:
+                    target = Target("orderlog", o.url, o.server_pid, None, None)
+                else:
+                    db = str(replay_db) if replay_db else str(workdir / f"{scenario}-{attempt}.db")
+                    target = start_server(name, workdir, tokens.secret, db=db, args=server_args(scenario, o),
+                                          fault=o.fault if name != "orderlog" else None)
+                say(f"{scenario} run {attempt + 1}/{o.repeat} against {name} ({target.url}) ...")
                 result = RUNNERS[scenario](target, o, tokens)
             except BenchError as exc:
                 result = {"ok": False, "problems": [str(exc)]}
             finally:
-                if not target.alive():
-                    pass
-                target.stop()
-                if target.proc is not None and db_is_scratch(target, replay_db):
-                    for suffix in ("", "-wal", "-shm"):
-                        Path(target.db + suffix).unlink(missing_ok=True)
+                if target is not None:
+                    target.stop()
+                    if target.proc is not None and db_is_scratch(target, replay_db):
+                        for suffix in ("", "-wal", "-shm"):
+                            Path(target.db + suffix).unlink(missing_ok=True)
             result["target"] = name
             runs[name].append(result)
             if not result.get("ok"):

@@ -8,6 +8,7 @@ line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -315,6 +316,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       f"  then connect:  {url}?token=TOKEN\n"
                       f"  or open the dashboard at {_http_url(url)} and paste the token", file=sys.stderr, flush=True)
 
+    # What is loaded by now (modules, classes, settings) lives as long as the process: move it
+    # out of the cyclic collector's reach, so that its full passes, which stop the whole server,
+    # do not re-scan it every time.
+    gc.collect()
+    gc.freeze()
     try:
         trio.run(main)
     except BaseException as raised:  # trio wraps errors from tasks in exception groups
