@@ -8,7 +8,6 @@ line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import time
 from functools import partial
 from typing import Any, Callable
 
-from . import auth, config
+from . import auth, config, gcpolicy
 from .auth import ALGORITHMS, Keys
 from .server import Settings
 from .store import StoreError
@@ -316,11 +315,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       f"  then connect:  {url}?token=TOKEN\n"
                       f"  or open the dashboard at {_http_url(url)} and paste the token", file=sys.stderr, flush=True)
 
-    # What is loaded by now (modules, classes, settings) lives as long as the process: move it
-    # out of the cyclic collector's reach, so that its full passes, which stop the whole server,
-    # do not re-scan it every time.
-    gc.collect()
-    gc.freeze()
+    # Full passes of the cyclic garbage collector stop the whole server; keep them short
+    # (gcpolicy.py: what survives a pass is frozen; closed connections hand it back).
+    gcpolicy.install()
     try:
         trio.run(main)
     except BaseException as raised:  # trio wraps errors from tasks in exception groups

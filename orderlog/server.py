@@ -38,7 +38,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
-from . import auth, http, protocol
+from . import auth, gcpolicy, http, protocol
 from .auth import AUTH_CLOSE_CODE, AuthError, Keys
 from .domain import Principal, Rejected, authorize, can_see_order, validate
 from .feed import Channel, FeedEvent, Window, feed_event, read_feed, read_frames
@@ -523,6 +523,7 @@ class Service:
         finally:
             self.connections.discard(connection)
             self.metrics.connections.dec()
+            gcpolicy.connection_closed()
             for channel in list(connection.subs):
                 connection.drop_subscription(channel)
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
