@@ -32,7 +32,7 @@ def test_survivors_of_a_full_pass_are_frozen_and_closed_connections_hand_them_ba
             a.other, b.other = b, a
             return a
 
-        policy = gcpolicy.install(release_after=3)
+        policy = gcpolicy.install(release_after=3, release_passes=4)
         live = [cycle() for _ in range(20_000)]  # long-lived, like a connection's objects
         gc.collect()
         assert gc.get_freeze_count() >= 40_000, gc.get_freeze_count()
@@ -51,6 +51,22 @@ def test_survivors_of_a_full_pass_are_frozen_and_closed_connections_hand_them_ba
         gc.collect()
         assert probe() is None, "the handed-back garbage was not collected"
         assert gc.get_freeze_count() > 0  # and what is still alive is frozen again
+
+        # Whatever the connections do, the frozen objects go back after release_passes passes.
+        keep = cycle()
+        probe = weakref.ref(keep)
+        gc.collect()  # the cycle is alive: frozen
+        del keep  # frozen garbage now
+        gc.collect()
+        assert probe() is not None and policy.releases == 1
+        passes = 0
+        while policy.releases == 1:
+            gc.collect()
+            passes += 1
+            assert passes <= policy.release_passes + 1, "no hand-back after release_passes passes"
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert probe() is None, "frozen garbage outlived release_passes full passes"
 
         gcpolicy.uninstall()
         assert gc.get_freeze_count() == 0 and policy._on_gc not in gc.callbacks
