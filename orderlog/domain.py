@@ -81,6 +81,10 @@ STATUS_AFTER = {
     "order-cancelled": "cancelled",
 }
 
+# The statuses no command can leave: an order in one of them never changes again.
+FINAL_STATUSES = frozenset(STATUS_AFTER.values()) - frozenset().union(
+    *(statuses for by_role in TRANSITIONS.values() for statuses in by_role.values()))
+
 EVENT_TYPES = (
     "stock-added",
     "order-created",

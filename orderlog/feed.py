@@ -162,17 +162,25 @@ def read_feed(conn: sqlite3.Connection, channel: Channel | None, after: int, unt
     return [FeedEvent(*r) for r in rows]
 
 
+def channel_frames(channel: Channel, events: Iterable[FeedEvent], prev: int) -> tuple[list[bytes], int]:
+    """The frames `channel` gets of `events` (those it sees, redacted where it must), the first
+    one's `prev` being `prev`; and the last one's seq (`prev` if none)."""
+    name, redact = channel.json_name, channel.may_redact
+    frames = []
+    for event in events:
+        if channel.sees(event):
+            frames.append(event.frame(name, prev, redact and channel.redacts(event)))
+            prev = event.seq
+    return frames, prev
+
+
 def read_frames(conn: sqlite3.Connection, channel: Channel, after: int, until: int, limit: int,
                 prev: int) -> tuple[list[bytes], int]:
     """The WebSocket frames `channel` gets for its events with after < seq <= until (at most
     `limit` of them), the first one's `prev` being `prev`; and the last one's seq (`prev` if none)."""
-    name = channel.json_name
     if channel.may_redact:
-        frames = []
-        for event in read_feed(conn, channel, after, until, limit):
-            frames.append(event.frame(name, prev, channel.redacts(event)))
-            prev = event.seq
-        return frames, prev
+        return channel_frames(channel, read_feed(conn, channel, after, until, limit), prev)
+    name = channel.json_name
     where, params = channel.sql()
     rows = conn.execute(
         f"SELECT {_FRAME_SQL} FROM events WHERE seq > ? AND seq <= ? AND {where} ORDER BY seq LIMIT ?",

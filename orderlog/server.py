@@ -41,7 +41,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from . import auth, gcpolicy, http, protocol
 from .auth import AUTH_CLOSE_CODE, AuthError, Keys
 from .domain import Principal, Rejected, authorize, can_see_order, validate
-from .feed import Channel, FeedEvent, Window, feed_event, read_feed, read_frames
+from .feed import Channel, FeedEvent, Window, channel_frames, feed_event, read_feed, read_frames
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, channel_kind
 from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
@@ -1009,12 +1009,7 @@ class Connection:
         if window.covers(sub.cursor):
             events = window.after(sub.cursor, WINDOW_PAGE)
             cursor = events[-1].seq
-            name, prev, redact = sub.channel_json, sub.prev, sub.redact
-            frames = []
-            for event in events:
-                if channel.sees(event):
-                    frames.append(event.frame(name, prev, redact and channel.redacts(event)))
-                    prev = event.seq
+            frames, prev = channel_frames(channel, events, sub.prev)
         else:
             until = hub.head
             frames, prev = await self.service.readers.run(_read_frames, channel, sub.cursor, until,

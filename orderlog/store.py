@@ -27,6 +27,7 @@ import attrs
 
 from .domain import (
     EVENT_TYPES,
+    FINAL_STATUSES,
     Command,
     Event,
     Order,
@@ -38,6 +39,7 @@ from .domain import (
     evolve_order,
     evolve_stock,
     fold,
+    order_of_event,
     stream_of,
 )
 
@@ -53,7 +55,6 @@ WRITER_CACHE_KIB = 32 * 1024  # page cache of the writer (a bounded share of RSS
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 # Projection rows a writer keeps between batches (open orders and stock levels, ~0.5 KB each).
 PROJECTION_CACHE_ROWS = 20_000
-FINISHED = frozenset({"delivered", "cancelled"})  # order statuses after which nothing changes
 
 EVENT_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash"
 _PLAIN_TYPES = frozenset(t for t in EVENT_TYPES if t.replace("-", "").isalnum() and t.isascii())
@@ -496,7 +497,7 @@ class Store:
             orders.clear()
             stock.clear()
         for order_id, order in rows.orders.items():
-            if order.status in FINISHED:
+            if order.status in FINAL_STATUSES:
                 orders.pop(order_id, None)
             else:
                 orders[order_id] = order
@@ -600,14 +601,12 @@ class Store:
                 if is_order:
                     if current is None:
                         rows.created.add(key_)
-                    touched_orders[key_] = order = evolve_order(current, event)  # type: ignore[arg-type]
-                    order_id: str | None = key_
-                    owner = order.customer  # type: ignore[union-attr]
+                    touched_orders[key_] = evolve_order(current, event)  # type: ignore[arg-type]
                 else:
                     touched_stock[key_] = evolve_stock(current, event)  # type: ignore[arg-type]
-                    order_id = data.get("order_id")
-                    found = (touched_orders.get(order_id) or orders.get(order_id)) if order_id is not None else None
-                    owner = found.customer if found is not None else None
+                order_id = order_of_event(stream, data)
+                found = (touched_orders.get(order_id) or orders.get(order_id)) if order_id is not None else None
+                owner = found.customer if found is not None else None
                 types.append(type_)
                 rows.events.append((seq, stream, version, type_, at, actor, command_id, data_text, event.hash,
                                     order_id, owner))
