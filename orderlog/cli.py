@@ -32,7 +32,7 @@ from .store import Filter, Store, StoreError, dumps, event_json, format_time, mi
 DEFAULT_DB = "orderlog.db"
 DB_ENV = "ORDERLOG_DB"
 EXPORT_PAGE = 5000  # events read per query while exporting
-DEFAULT_SEED_BATCH = 5000  # commands per transaction while seeding (a bulk load: fewer, bigger commits)
+DEFAULT_SEED_BATCH = 10_000  # commands per transaction while seeding (a bulk load: fewer, bigger commits)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
