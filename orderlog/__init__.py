@@ -13,11 +13,11 @@ from .domain import (
     evolve,
     fold,
 )
-from .store import Ack, Filter, Request, Store, StoreError, Unavailable
+from .records import Ack, Filter, Request
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ack", "Command", "Event", "Filter", "NewEvent", "Order", "Principal", "Rejected", "Request",
-    "State", "Stock", "Store", "StoreError", "Unavailable", "decide", "evolve", "fold",
+    "State", "Stock", "decide", "evolve", "fold",
 ]

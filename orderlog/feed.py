@@ -5,21 +5,19 @@ A subscription is a cursor on the log. It reads what follows its cursor from the
 window when the window still holds it, and from SQLite otherwise; so a slow subscriber costs
 a cursor, not a queue, and live delivery costs no query per subscriber.
 
-Pure except for `read_feed` and `read_frames`, which run a blocking SQLite query (call them
-from a thread).
+Pure: the SQL that reads the feed from the log lives in `orderlog.store.feedreads`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from typing import Any, Iterable, Sequence
 
 import attrs
 
 from .domain import Principal
-from .wsfast import frame_header
+from .wire import frame_header
 
 _ORDER_ID_FIELD = re.compile(rb'"data":\{"order_id":"[A-Za-z0-9._-]*",')
 _string = json.encoder.encode_basestring  # JSON string literal, non-ASCII kept as is (C speed)
@@ -98,20 +96,6 @@ def feed_event(row: Sequence[Any]) -> FeedEvent:
                      b'{"type":"' + type_.encode() + b'","channel":', b',"seq":' + str(seq).encode() + b',"prev":', tail)
 
 
-# The same encoding as feed_event, done by SQLite while it reads (catch-up reads many events):
-# json_quote escapes a string exactly as json.encoder.encode_basestring does (tests/test_feed_encoding.py).
-_TAIL_SQL = """CAST(',"stream":"' || stream || '","version":' || version || ',"at":"' || at || '","actor":' || json_quote(actor)
-         || ',"command_id":' || json_quote(command_id) || ',"data":' || data || ',"hash":"' || hash || '"}' AS BLOB)"""
-FEED_SQL = f"""seq, stream, type, owner, order_id, substr(stream, 1, 6) = 'order:',
-    CAST('{{"type":"' || type || '","channel":' AS BLOB),
-    CAST(',"seq":' || seq || ',"prev":' AS BLOB),
-    {_TAIL_SQL}"""
-# For catch-up frames of one channel: the text up to "prev": (channel name bound as the first
-# parameter) and the tail. Three columns instead of nine, and no FeedEvent: about half the cost.
-_FRAME_SQL = f"""seq, CAST('{{"type":"' || type || '","channel":' || ? || ',"seq":' || seq || ',"prev":' AS BLOB),
-    {_TAIL_SQL}"""
-
-
 @attrs.frozen
 class Channel:
     """What a subscription may see: a channel name seen by one principal."""
@@ -141,27 +125,6 @@ class Channel:
         return (self.principal.role == "customer" and event.order_id is not None
                 and event.owner != self.principal.user)
 
-    def sql(self) -> tuple[str, list[Any]]:
-        """The WHERE clause (beyond the seq range) selecting this channel's visible events."""
-        if self.name == "orders":
-            if self.principal.role == "customer":
-                return "owner = ? AND substr(stream, 1, 6) = 'order:'", [self.principal.user]
-            return "substr(stream, 1, 6) = 'order:'", []
-        if self.name == "inventory":
-            return "substr(stream, 1, 4) = 'sku:'", []
-        return "stream = ?", [self.name]
-
-
-def read_feed(conn: sqlite3.Connection, channel: Channel | None, after: int, until: int, limit: int) -> list[FeedEvent]:
-    """Committed events with after < seq <= until that `channel` sees (all if None), in order."""
-    where, params = channel.sql() if channel is not None else ("1", [])
-    rows = conn.execute(
-        f"SELECT {FEED_SQL} FROM events WHERE seq > ? AND seq <= ? AND {where} ORDER BY seq LIMIT ?",
-        [after, until, *params, limit],
-    )
-    return [FeedEvent(*r) for r in rows]
-
-
 def channel_frames(channel: Channel, events: Iterable[FeedEvent], prev: int) -> tuple[list[bytes], int]:
     """The frames `channel` gets of `events` (those it sees, redacted where it must), the first
     one's `prev` being `prev`; and the last one's seq (`prev` if none)."""
@@ -171,27 +134,6 @@ def channel_frames(channel: Channel, events: Iterable[FeedEvent], prev: int) -> 
         if channel.sees(event):
             frames.append(event.frame(name, prev, redact and channel.redacts(event)))
             prev = event.seq
-    return frames, prev
-
-
-def read_frames(conn: sqlite3.Connection, channel: Channel, after: int, until: int, limit: int,
-                prev: int) -> tuple[list[bytes], int]:
-    """The WebSocket frames `channel` gets for its events with after < seq <= until (at most
-    `limit` of them), the first one's `prev` being `prev`; and the last one's seq (`prev` if none)."""
-    if channel.may_redact:
-        return channel_frames(channel, read_feed(conn, channel, after, until, limit), prev)
-    name = channel.json_name
-    where, params = channel.sql()
-    rows = conn.execute(
-        f"SELECT {_FRAME_SQL} FROM events WHERE seq > ? AND seq <= ? AND {where} ORDER BY seq LIMIT ?",
-        [name.decode(), after, until, *params, limit],
-    )
-    frames = []
-    append = frames.append
-    for seq, head, tail in rows:
-        prev_bytes = str(prev).encode()
-        append(b"".join((frame_header(len(head) + len(prev_bytes) + len(tail)), head, prev_bytes, tail)))
-        prev = seq
     return frames, prev
 
 

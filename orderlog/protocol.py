@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import attrs
 
 from .domain import ID_RE, Command, Rejected
-from .store import Filter, time_bound
+from .canonical import time_bound
+from .records import Filter
 
 MAX_QUERY_LIMIT = 1000
 DEFAULT_QUERY_LIMIT = 100

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import attrs
 
 from .domain import Command, Principal, Rejected
-from .store import Ack, Request
+from .records import Ack, Request
 
 # (sku, name, popularity): popular items sell out more often.
 CATALOG: tuple[tuple[str, str, int], ...] = (

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from orderlog.domain import Command, Principal
-from orderlog.store import Request
+from orderlog.records import Request
 
 CUSTOMERS = ("c-1", "c-2", "c-3")
 CUSTOMER_PRINCIPALS = tuple(Principal(c, "customer") for c in CUSTOMERS)

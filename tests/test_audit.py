@@ -8,9 +8,10 @@ import sqlite3
 import attrs
 import pytest
 
-from orderlog.audit import check_chain, compare_projections
+from orderlog.store.audit import check_chain, compare_projections
 from orderlog.domain import Event, Order, State, Stock
-from orderlog.store import ZERO_HASH, event_hash, migrations
+from orderlog.canonical import ZERO_HASH, event_hash
+from orderlog.store import migrations
 
 
 def raw(db, *statements):
@@ -198,9 +199,10 @@ def test_compare_projections_names_the_first_differing_order_then_sku():
 
 def test_stored_hashes_recompute_for_awkward_text(tmp_path):
     """Events with non-ASCII, quotes, backslashes and control characters chain exactly as specified."""
-    from orderlog.audit import stored_events
+    from orderlog.store.audit import stored_events
     from orderlog.domain import Command, Principal
-    from orderlog.store import Request, Store
+    from orderlog.records import Request
+    from orderlog.store import Store
 
     store = Store.open(str(tmp_path / "awkward.db"), create=True)
     staff, at = Principal("staff-ä", "staff"), "2026-11-25T17:03:00.123Z"

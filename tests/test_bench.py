@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orderlog.bench_ws import EVENT_RE, Chain, client_frame, unmask
+from orderlog_bench.ws import EVENT_RE, Chain, client_frame, unmask
 
 from conftest import cli_env
 
@@ -94,7 +94,7 @@ def test_fanout_at_a_fixed_rate_where_most_customers_get_nothing(tmp_path: Path)
 def test_the_server_starts_with_a_secret_that_looks_like_a_flag(tmp_path: Path) -> None:
     """secrets.token_urlsafe starts with "-" once in 64 runs: it must still reach --jwt-secret
     (it used to be taken for a flag, so serve exited and the bench printed a traceback)."""
-    from orderlog.bench import start_server
+    from orderlog_bench import start_server
 
     target = start_server("orderlog", tmp_path, "-Xy9" + "a" * 40, db=str(tmp_path / "flag.db"))
     try:
@@ -106,7 +106,7 @@ def test_the_server_starts_with_a_secret_that_looks_like_a_flag(tmp_path: Path) 
 def test_a_server_that_does_not_start_is_a_failed_run(tmp_path: Path) -> None:
     """If orderlog cannot start (here its database path is a folder), the run is reported as
     FAILED with serve's own message, and the other targets and scenarios go on: no traceback."""
-    from orderlog.bench import Tokens, run_scenario
+    from orderlog_bench import Tokens, run_scenario
     from orderlog.cli import build_parser
 
     args = build_parser().parse_args(["bench", "commands", *TINY])

@@ -23,7 +23,8 @@ import trio
 from orderlog.auth import mint
 from orderlog.client import connect
 from orderlog.domain import Command, Principal
-from orderlog.store import Request, Store
+from orderlog.records import Request
+from orderlog.store import Store
 
 from conftest import cli_env
 

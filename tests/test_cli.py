@@ -330,7 +330,8 @@ def test_a_malformed_time_is_a_one_line_error(cli, seeded_db, flag, value):
 def test_exports_are_utf8_whatever_the_locale(cli, db_path):
     """Non-ASCII text is exported as UTF-8 as is, even when Python's stdout encoding is ASCII."""
     from orderlog.domain import Command, Principal
-    from orderlog.store import Request, Store
+    from orderlog.records import Request
+    from orderlog.store import Store
 
     store = Store.open(str(db_path), create=True)
     store.execute_batch([Request(Principal("staff-1", "staff"),

@@ -14,8 +14,10 @@ import trio
 from orderlog.auth import Keys
 from orderlog.client import AuthenticationFailed, OrderlogError, connect
 from orderlog.domain import Command, Principal
-from orderlog.server import Settings, serve
-from orderlog.store import Request, Store
+from orderlog.service.server import serve
+from orderlog.service.settings import Settings
+from orderlog.records import Request
+from orderlog.store import Store
 from wsclient import SECRET, TIMEOUT, token
 
 FAST = {"backoff_start": 0.05, "backoff_cap": 0.2}  # reconnect quickly in tests

@@ -29,7 +29,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from conftest import cli_env
-from orderlog import audit
+from orderlog.store import audit
 from orderlog.store import Store
 from wsclient import SECRET, TIMEOUT, connect, decode, recv_json, send_json, token
 

@@ -7,8 +7,10 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 
 from orderlog.domain import Command, Principal
-from orderlog.feed import FEED_COLUMNS, Channel, feed_event, read_feed, read_frames
-from orderlog.store import Request, Store
+from orderlog.feed import FEED_COLUMNS, Channel, feed_event
+from orderlog.store.feedreads import read_feed, read_frames
+from orderlog.records import Request
+from orderlog.store import Store
 
 # Any text without lone surrogates (the protocol refuses those), control characters included.
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=64)

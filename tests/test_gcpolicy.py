@@ -22,7 +22,7 @@ def test_survivors_of_a_full_pass_are_frozen_and_closed_connections_hand_them_ba
     newer ones); cyclic garbage among them is collected once RELEASE_AFTER connections closed."""
     out = run_child("""
         import gc, weakref
-        from orderlog import gcpolicy
+        from orderlog.service import gcpolicy
 
         class Node:
             pass

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from orderlog.http import STATIC_ROUTES
+from orderlog.service.http import STATIC_ROUTES
 from wsclient import TIMEOUT, connect, next_id, recv_json, send_json, token
 from wsclient import running_server
 

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orderlog.auth import Keys
-from orderlog.server import Settings, serve
+from orderlog.service.server import serve
+from orderlog.service.settings import Settings
 from wsclient import EVENT_TYPES, SECRET, Client, assert_quiet, next_id, session
 
 ORDERS = 5  # order ids per example

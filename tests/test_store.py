@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from orderlog import domain
 from orderlog.domain import Command, Event, Principal, Rejected, State
-from orderlog.store import Ack, Request, Store, StoreError, event_hash, migrations
+from orderlog.canonical import event_hash
+from orderlog.records import Ack, Request
+from orderlog.store import Store, StoreError, migrations
 
 from strategies import (
     AUDITOR,

@@ -14,7 +14,8 @@ from cryptography.x509.oid import NameOID
 from trio_websocket import open_websocket_url
 
 from orderlog.auth import Keys, mint
-from orderlog.server import Settings, serve
+from orderlog.service.server import serve
+from orderlog.service.settings import Settings
 
 SECRET = "tls-test-secret-0123456789abcdef0123"
 

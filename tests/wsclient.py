@@ -19,7 +19,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from orderlog.auth import Keys, mint
-from orderlog.server import Settings, serve
+from orderlog.service.server import serve
+from orderlog.service.settings import Settings
 
 SECRET = "test-secret-0123456789-abcdefghij"
 TIMEOUT = 5.0  # seconds any single network wait may take before the test fails

@@ -20,7 +20,7 @@ import wsproto
 from hypothesis import given, settings, strategies as st
 from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
-from orderlog.wsrecv import FrameSplitter, MessageEnd, unmask
+from orderlog.wire import FrameSplitter, MessageEnd, unmask
 from test_hostile import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Closed, RawWS, frame_bytes
 from wsclient import TIMEOUT, running_server, token
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import time
 
-from .bench_ws import EVENT_RE, NOTE_RE, Chain, Conn, Loop, client_frame, parse_reply
+from .ws import EVENT_RE, NOTE_RE, Chain, Conn, Loop, client_frame, parse_reply
 
 SKU = "bench-kibble"
 SETUP_TIMEOUT = 120.0  # seconds for connections to open and subscribe

@@ -14,7 +14,7 @@ N events, the replay ceiling); every `command` is acked at once (the commands ce
 `place_order` becomes one ~250-byte event frame with seq/prev, sent to every staff subscriber
 of `orders` and to the order's customer's own `orders` subscribers (the fan-out ceiling).
 `--fault gap` drops event 3 from the staff feeds, so the bench's checker can be shown to catch
-it. Run: `python -m orderlog.bench_baselines trio|websockets [--port 0]`; it logs
+it. Run: `python -m orderlog_bench.baselines trio|websockets [--port 0]`; it logs
 `event=listening url=ws://...` on stderr like `orderlog serve`.
 """
 
@@ -264,7 +264,7 @@ SERVERS: dict[str, Callable[[str, int, str | None], None]] = {"trio": run_trio, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orderlog.bench_baselines", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m orderlog_bench.baselines", description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=sorted(SERVERS))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

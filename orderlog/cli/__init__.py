@@ -4,35 +4,35 @@ A thin shell: each subcommand parses its flags, opens the store (read-only whene
 reads, so it may run next to a live server), calls into `store`, `audit` or `seed` and
 prints. Errors the user can fix (a missing or foreign file, a malformed flag) are one line on
 stderr, `orderlog: error: ...`, exit 2; Ctrl-C exits 130 and a closed pipe exits quietly.
-The service subcommands (serve, token, tail) come from `cli_service`.
+The service subcommands (serve, token, tail, bench) come from `cli.service`; none of the
+subcommands here loads trio.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import csv
-import gc
 import io
 import json
 import os
-import sqlite3
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO
+from typing import Any, Iterator, NoReturn, Sequence, TextIO
 
 import attrs
 
-from . import __version__, audit
-from .domain import EVENT_TYPES, Event, Rejected
+from .. import __version__
+from ..canonical import dumps, event_json, time_bound
+from ..domain import EVENT_TYPES, Event
+from ..records import Filter
+from ..store import DatabaseError, Store, StoreError, audit, migrations, schema_version_of
+from ..store.seeding import DEFAULT_SEED_BATCH, run_seed
 from .progress import Progress
-from .seed import CATALOG, SeedGenerator
-from .store import Filter, Store, StoreError, dumps, event_json, format_time, migrations, time_bound
 
 DEFAULT_DB = "orderlog.db"
 DB_ENV = "ORDERLOG_DB"
 EXPORT_PAGE = 5000  # events read per query while exporting
-DEFAULT_SEED_BATCH = 10_000  # commands per transaction while seeding (a bulk load: fewer, bigger commits)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
@@ -56,8 +56,11 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `orderlog` command line; return the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["bench"]:
+            return _bench(argv[1:])
+        parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
@@ -67,13 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except (StoreError, UsageError) as exc:
         return _fail(str(exc))
-    except sqlite3.DatabaseError as exc:
+    except DatabaseError as exc:
         return _fail(f"{_db_path_of(argv)}: database error: {exc}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+
+
+def _bench(argv: list[str]) -> int:
+    """`orderlog bench`: the load generator is a separate package (orderlog_bench), outside the
+    product's import graph, loaded only for this subcommand."""
+    try:
+        bench = importlib.import_module("orderlog_bench")
+    except ImportError:
+        return _fail("`orderlog bench` needs the orderlog_bench package (installed with orderlog from a source checkout)")
+    return bench.main(argv)
 
 
 def _fail(message: str) -> int:
@@ -190,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite's synchronous setting for the writes (default FULL: durable at every commit)")
     p.set_defaults(func=cmd_seed)
 
-    from . import cli_service
+    from . import service
 
-    cli_service.register(subparsers)
+    service.register(subparsers)
     return parser
 
 
@@ -226,13 +239,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """`orderlog migrate`: create the file if missing, apply migrations, print what was applied."""
     path = db_path(args)
     existed = os.path.exists(path)
-    before = _schema_version(path) if existed else 0
+    before = schema_version_of(path) if existed else 0
     store = Store.open(path, create=True)
     try:
-        applied = store.conn.execute(
-            "SELECT version, name FROM schema_migrations WHERE version > ? ORDER BY version", (before,)
-        ).fetchall()
-        current = store.conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+        applied = store.applied_migrations(after=before)
+        current = store.schema_version()
     finally:
         store.close()
     if not existed:
@@ -242,18 +253,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not applied:
         print(f"{path}: up to date (schema {current}, {len(migrations())} known)")
     return 0
-
-
-def _schema_version(path: str) -> int:
-    """The schema version of an existing file, 0 when it has none (Store.open reports the rest)."""
-    try:
-        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -475,76 +474,6 @@ def _bytes(n: int) -> str:
 # -- seed -------------------------------------------------------------------------------------
 
 
-@attrs.define
-class SeedReport:
-    """What a seed run did."""
-
-    commands: int = 0
-    accepted: int = 0
-    rejected: dict[str, int] = attrs.Factory(dict)
-    surprises: int = 0
-    events: int = 0
-    head: int = 0
-    seconds: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.commands / self.seconds if self.seconds > 0 else 0.0
-
-
-def run_seed(store: Store, commands: int, seed: int, batch: int,
-             progress: Callable[[int, int], None] | None = None,
-             clock: Callable[[], str] | None = None) -> SeedReport:
-    """Send `commands` generated commands through `Store.execute_batch`, `batch` at a time."""
-    clock = clock or (lambda: format_time(datetime.now(timezone.utc)))
-    start_head = store.head()
-    generator = SeedGenerator(seed, run=f"r{start_head}", stock=_available(store))
-    report = SeedReport()
-    # The cyclic garbage collector would only re-scan each batch's objects while they live
-    # (about a tenth of the run): they form no cycles and are freed by reference counting.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        _seed_batches(store, generator, report, commands, batch, progress, clock)
-    finally:
-        if collecting:
-            gc.enable()
-    report.head = store.head()
-    report.events = report.head - start_head
-    return report
-
-
-def _seed_batches(store: Store, generator: SeedGenerator, report: SeedReport, commands: int, batch: int,
-                  progress: Callable[[int, int], None] | None, clock: Callable[[], str]) -> None:
-    started = time.perf_counter()
-    while report.commands < commands:
-        planned = generator.batch(min(batch, commands - report.commands), clock())
-        outcomes = store.execute_batch([p.request for p in planned])
-        for plan, outcome in zip(planned, outcomes):
-            if isinstance(outcome, Rejected):
-                report.rejected[outcome.code] = report.rejected.get(outcome.code, 0) + 1
-            else:
-                report.accepted += 1
-            if not generator.observe(plan, outcome):
-                report.surprises += 1
-        report.commands += len(planned)
-        if report.surprises:  # someone else writes too: believe the store, not the model
-            generator.sync_stock(_available(store))
-        if progress:
-            progress(report.commands, commands)
-    report.seconds = time.perf_counter() - started
-
-
-def _available(store: Store) -> dict[str, int]:
-    """The available stock of the seed catalog's skus, as stored."""
-    found = {}
-    for sku, _, _ in CATALOG:
-        stock = store.get_stock(sku)
-        if stock is not None:
-            found[sku] = stock.available
-    return found
-
-
 def cmd_seed(args: argparse.Namespace) -> int:
     """`orderlog seed`: append a generated history and report its rate and outcomes."""
     path = db_path(args)
@@ -566,7 +495,3 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if report.surprises:
         print(f"  {report.surprises:,} outcomes differed from the generator's model (another writer?)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ Theory of operation.
 - Each connection runs one nursery: its receive loop (requests) and, only while one of its
   subscriptions is catching up, a send loop (catch-up pages and `live` markers). Keep-alive pings
   and token expiry of all connections are checked by one sweep task. Every byte for a connection
-  goes through its SocketWriter (wsfast.py), which writes without waiting when the kernel takes
+  goes through its SocketWriter (sockets.py), which writes without waiting when the kernel takes
   the bytes, so frames go out in the order they were produced.
 - Subscriptions are cursors on the log. A subscription that is behind is moved forward by its
   connection's send loop, from the in-memory window or from SQLite, one page at a time, waiting
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import re
 import signal
 import ssl
@@ -38,14 +37,19 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
-from . import auth, gcpolicy, http, protocol
-from .auth import AUTH_CLOSE_CODE, AuthError, Keys
-from .domain import Principal, Rejected, authorize, can_see_order, validate
-from .feed import Channel, FeedEvent, Window, channel_frames, feed_event, read_feed, read_frames
+from .. import auth, protocol
+from ..auth import AUTH_CLOSE_CODE, AuthError
+from ..canonical import event_json, format_time
+from ..domain import Principal, Rejected, authorize, can_see_order, validate
+from ..feed import Channel, FeedEvent, Window, channel_frames, feed_event
+from ..records import Ack, Request
+from ..store import Store, Unavailable
+from ..wire import text_frame
+from . import gcpolicy, http
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, channel_kind
-from .store import Ack, Filter, Request, Store, Unavailable, event_json, format_time
-from .wsfast import HIGH_WATER, SocketWriter, WriterStream, text_frame
+from .settings import Settings
+from .sockets import HIGH_WATER, SocketWriter, WriterStream
 
 log = logging.getLogger("orderlog")
 
@@ -63,29 +67,6 @@ SWEEP_PERIOD = 0.25  # seconds between checks of pings and token expiry
 PING_FRAME = b"\x89\x04ping"  # an unmasked ping frame with a 4-byte payload
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn  # seconds to wait for a client's close handshake
-
-
-@attrs.frozen
-class Settings:
-    """Everything `orderlog serve` can be told; defaults live here."""
-
-    db: str = "orderlog.db"
-    host: str = "127.0.0.1"
-    port: int = 8765
-    keys: Keys | None = None
-    allow_origins: tuple[str, ...] = ()
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_message_size: int = 64 * 1024  # larger frames close with 1009
-    auth_timeout: float = 10.0
-    ping_interval: float = 20.0
-    max_connections: int = 10_000
-    max_subscriptions: int = 16  # per connection
-    rate_limit: float = 500.0  # commands per second per connection (token bucket)
-    rate_burst: int = 1000
-    handshake_timeout: float = 10.0  # slow handshakes are dropped after this
-    synchronous: str = "FULL"
-    window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
 
 
 class CloseConnection(Exception):
@@ -349,7 +330,7 @@ class Service:
                 events = [feed_event(row) for row in rows]  # ours, straight after the head
             else:
                 # Read back what is committed: events of another process, or after a failure.
-                events = read_feed(self.store.conn, None, after, 2**62, PUBLISH_LIMIT)
+                events = self.store.read_feed(None, after, 2**62, PUBLISH_LIMIT)
         return outcomes, events
 
     async def sweep(self) -> None:
@@ -1012,7 +993,7 @@ class Connection:
             frames, prev = channel_frames(channel, events, sub.prev)
         else:
             until = hub.head
-            frames, prev = await self.service.readers.run(_read_frames, channel, sub.cursor, until,
+            frames, prev = await self.service.readers.run(Store.read_frames, channel, sub.cursor, until,
                                                           CATCHUP_PAGE, sub.prev)
             cursor = until if len(frames) < CATCHUP_PAGE else prev
             if self.subs.get(channel.name) is not sub or sub.attached:
@@ -1021,10 +1002,6 @@ class Connection:
             sub.prev = prev
             self.write_frames(frames)
         sub.cursor = cursor
-
-
-def _read_frames(store: Store, channel: Channel, after: int, until: int, limit: int, prev: int) -> tuple[list[bytes], int]:
-    return read_frames(store.conn, channel, after, until, limit, prev)
 
 
 # -- running the server ------------------------------------------------------------------------

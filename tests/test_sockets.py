@@ -7,7 +7,8 @@ import wsproto
 from hypothesis import given, settings, strategies as st
 from wsproto.events import Request, TextMessage
 
-from orderlog.wsfast import SocketWriter, text_frame
+from orderlog.service.sockets import SocketWriter
+from orderlog.wire import text_frame
 
 
 def _client_reading(data: bytes) -> list[str]:

@@ -1,6 +1,7 @@
-"""The fast receive path, sans I/O: client bytes -> complete text messages, or frames for wsproto.
+"""WebSocket framing, sans I/O: server text frames built by hand, and the fast receive path
+(client bytes -> complete text messages, or frames for wsproto).
 
-trio-websocket reads through our stream (wsfast.WriterStream) and feeds what it reads to
+trio-websocket reads through our stream (service/sockets.py, WriterStream) and feeds what it reads to
 wsproto; each message then goes through a memory channel to the task that called
 `get_message`: a task switch and a few trips through trio's scheduler per message. Here the
 stream splits what it reads into frames first:
@@ -23,6 +24,21 @@ from __future__ import annotations
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 _OPCODES = frozenset({OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG})
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final text frame carrying `length` payload bytes."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete server text frame."""
+    return frame_header(len(payload)) + payload
+
 
 
 class MessageEnd(bytes):

@@ -8,10 +8,8 @@ line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
 import re
 import secrets
 import sys
@@ -19,10 +17,12 @@ import time
 from functools import partial
 from typing import Any, Callable
 
-from . import auth, config, gcpolicy
-from .auth import ALGORITHMS, Keys
-from .server import Settings
-from .store import StoreError
+from .. import auth
+from ..auth import ALGORITHMS, Keys
+from ..service import gcpolicy
+from ..service.settings import Settings
+from ..store import StoreError
+from . import config
 
 DEFAULT_DB = "orderlog.db"
 SECRET_SUFFIX = ".secret"  # the generated HS256 secret lives next to the database
@@ -292,7 +292,7 @@ def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from .server import serve
+    from ..service.server import serve
 
     sources = apply_config(args, tuple(config.KEYS))
     if args.print_config:
@@ -385,7 +385,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     import trio
 
-    from .client import tail
+    from ..client import tail
 
     token = args.token or _env("TOKEN")
     if not token:
@@ -499,7 +499,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     tail.add_argument("--count", type=_arg(_positive_int), metavar="N", help="exit after N events")
     tail.set_defaults(func=_one_line_errors(cmd_tail))
 
-    from . import bench
-
-    bench.register(subparsers)
+    subparsers.add_parser(
+        "bench", add_help=False,
+        help="load scenarios over real sockets, with integrity checks and baselines (see `orderlog bench --help`)")
 

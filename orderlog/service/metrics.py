@@ -7,7 +7,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .domain import COMMANDS
+from ..domain import COMMANDS
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

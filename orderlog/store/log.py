@@ -10,7 +10,6 @@ This module does blocking I/O: the service calls it from a worker thread.
 
 from __future__ import annotations
 
-import hashlib
 from hashlib import sha256 as _sha256
 import importlib.resources
 import json
@@ -20,18 +19,20 @@ import re
 import secrets
 import sqlite3
 from collections.abc import Mapping  # not typing.Mapping: isinstance checks on it are several times slower
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 
-from .domain import (
+from ..canonical import ZERO_HASH, dumps, dumps_validated, event_hash, format_time, json_string
+from ..feed import Channel, FeedEvent
+from . import feedreads
+from ..records import Ack, Filter, Outcome, Request
+from ..domain import (
     EVENT_TYPES,
     FINAL_STATUSES,
-    Command,
     Event,
     Order,
-    Principal,
     Rejected,
     State,
     Stock,
@@ -45,7 +46,6 @@ from .domain import (
 
 log = logging.getLogger("orderlog")
 
-ZERO_HASH = bytes(32)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 BUSY_TIMEOUT_MS = 10_000  # how long a connection waits for another writer's lock
 SQL_IN_CHUNK = 500  # keys per "IN (...)" lookup, well under SQLite's variable limit
@@ -68,62 +68,6 @@ class Unavailable(Exception):
     """A write could not be committed (disk full, read-only file, lock timeout); nothing was written."""
 
 
-# -- time and canonical forms ----------------------------------------------------------------
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 UTC with milliseconds and a Z, the form of every stored `at`."""
-    moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 time with an offset; ValueError if malformed."""
-    if not isinstance(text, str) or not re.match(r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z", text):
-        raise ValueError(f"not an RFC 3339 time with an offset: {text!r}")
-    moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-    return moment.astimezone(timezone.utc)
-
-
-def time_bound(text: str) -> str:
-    """A filter time as the stored form, rounded up to the millisecond.
-
-    Stored times have millisecond precision, so `at >= t` equals `at >= ceil_ms(t)` and
-    `at < t` equals `at < ceil_ms(t)`: string comparison then compares instants.
-    """
-    moment = parse_time(text)
-    if moment.microsecond % 1000:
-        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
-    return format_time(moment)
-
-
-# One encoder for every canonical text: json.dumps with these arguments would build a new
-# JSONEncoder per call, which is a measurable part of an append.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_encode_str = json.encoder.encode_basestring  # what _CANONICAL uses for a str (ensure_ascii=False)
-
-
-def dumps(value: Any) -> str:
-    """The canonical JSON text: sorted keys, no spaces, UTF-8 as is."""
-    return _CANONICAL.encode(value)
-
-
-# The same C encoder that `_CANONICAL.encode` builds per call, built once. It skips the check
-# for circular references, so it is only for values the domain validated (plain JSON types).
-_VALIDATED_ENCODER = (
-    json.encoder.c_make_encoder(None, _CANONICAL.default, _encode_str, None, ":", ",", True, False, True)
-    if json.encoder.c_make_encoder is not None
-    else None
-)
-
-
-def _dumps_validated(value: Any) -> str:
-    """`dumps` for event data and projections on the append path (no cycles possible there)."""
-    if _VALIDATED_ENCODER is None:
-        return dumps(value)
-    return "".join(_VALIDATED_ENCODER(value, 0))
-
-
 _TYPES_TEXT: dict[tuple[str, ...], str] = {}  # memo of _event_types_text (few distinct lists of known types)
 
 
@@ -141,76 +85,9 @@ def _event_types_text(types: Sequence[str]) -> str:
     return dumps(list(types))
 
 
-def event_hash(prev_hash: bytes, event: Event) -> str:
-    """`sha256(prev_hash + canonical(event))`, hex (PROTOCOL.md section 5)."""
-    body = {
-        "seq": event.seq,
-        "stream": event.stream,
-        "version": event.version,
-        "type": event.type,
-        "at": event.at,
-        "actor": event.actor,
-        "command_id": event.command_id,
-        "data": event.data,
-    }
-    return hashlib.sha256(prev_hash + dumps(body).encode()).hexdigest()
-
-
-def event_json(event: Event) -> dict[str, Any]:
-    """The EVENT object of PROTOCOL.md (in `result` and the JSONL export)."""
-    return {
-        "type": event.type,
-        "seq": event.seq,
-        "stream": event.stream,
-        "version": event.version,
-        "at": event.at,
-        "actor": event.actor,
-        "command_id": event.command_id,
-        "data": event.data,
-        "hash": event.hash,
-    }
-
-
 def row_to_event(row: Sequence[Any]) -> Event:
     seq, stream, version, type_, at, actor, command_id, data, hash_ = row[:9]
     return Event(seq, stream, version, type_, at, actor, command_id, json.loads(data), hash_)
-
-
-# -- requests and outcomes --------------------------------------------------------------------
-
-
-@attrs.frozen
-class Request:
-    """One command to append: who sent it, what it is, and when it arrived."""
-
-    principal: Principal
-    command: Command
-    at: str
-
-
-@attrs.frozen
-class Ack:
-    seq: int
-    version: int
-    events: tuple[str, ...]
-    duplicate: bool = False
-
-
-Outcome = Ack | Rejected
-
-
-@attrs.frozen
-class Filter:
-    """Which events to read; every field optional and ANDed (the `query` filter keys)."""
-
-    stream: str | None = None
-    order_id: str | None = None
-    types: tuple[str, ...] | None = None
-    actor: str | None = None
-    after: int = 0
-    until: int | None = None
-    from_time: str | None = None  # stored form, inclusive (see time_bound)
-    to_time: str | None = None  # stored form, exclusive
 
 
 # -- migrations -------------------------------------------------------------------------------
@@ -309,6 +186,18 @@ def _split_sql(sql: str) -> list[str]:
     if current.strip() and not all(l.strip().startswith("--") or not l.strip() for l in current.splitlines()):
         raise RuntimeError(f"incomplete SQL statement at the end of a migration: {current[:80]!r}")
     return statements
+
+
+def schema_version_of(path: str) -> int:
+    """The schema version of an existing file, 0 when it has none (Store.open reports the rest)."""
+    try:
+        conn = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -419,6 +308,16 @@ class Store:
 
     # reading ----------------------------------------------------------------------------
 
+    def schema_version(self) -> int:
+        """The number of the newest migration applied."""
+        return _applied(self.conn)
+
+    def applied_migrations(self, after: int = 0) -> list[tuple[int, str]]:
+        """(number, file name) of the migrations applied, newer than `after`, in order."""
+        return self.conn.execute(
+            "SELECT version, name FROM schema_migrations WHERE version > ? ORDER BY version", (after,)
+        ).fetchall()
+
     def head(self) -> int:
         """The seq of the newest committed event (0 for an empty log)."""
         row = self.conn.execute("SELECT max(seq) FROM events").fetchone()
@@ -453,8 +352,13 @@ class Store:
                 return
             after = batch[-1].seq
 
-    def count_events(self) -> int:
-        return self.head()
+    def read_feed(self, channel: Channel | None, after: int, until: int, limit: int) -> list[FeedEvent]:
+        """Committed events with after < seq <= until that `channel` sees (all if None), in order."""
+        return feedreads.read_feed(self.conn, channel, after, until, limit)
+
+    def read_frames(self, channel: Channel, after: int, until: int, limit: int, prev: int) -> tuple[list[bytes], int]:
+        """`channel`'s catch-up frames for after < seq <= until (feedreads.read_frames)."""
+        return feedreads.read_frames(self.conn, channel, after, until, limit, prev)
 
     # writing ----------------------------------------------------------------------------
 
@@ -571,8 +475,8 @@ class Store:
             # anything else takes event_hash's general path.
             plain = type(at) is str and type(actor) is str and type(command_id) is str
             if plain:
-                head = ('{"actor":' + _encode_str(actor) + ',"at":' + _encode_str(at) + ',"command_id":'
-                        + _encode_str(command_id) + ',"data":')
+                head = ('{"actor":' + json_string(actor) + ',"at":' + json_string(at) + ',"command_id":'
+                        + json_string(command_id) + ',"data":')
             touched_orders: dict[str, Order] = {}
             touched_stock: dict[str, Stock] = {}
             types: list[str] = []
@@ -587,10 +491,10 @@ class Store:
                     key_ = stream[4:]
                     current = touched_stock.get(key_) or stock.get(key_)
                 version = (current.version if current else 0) + 1
-                data_text = _dumps_validated(data)
+                data_text = dumps_validated(data)
                 if plain and type(stream) is str and type(type_) is str:
-                    canonical = (head + data_text + ',"seq":' + str(seq) + ',"stream":' + _encode_str(stream)
-                                 + ',"type":' + _encode_str(type_) + ',"version":' + str(version) + "}").encode()
+                    canonical = (head + data_text + ',"seq":' + str(seq) + ',"stream":' + json_string(stream)
+                                 + ',"type":' + json_string(type_) + ',"version":' + str(version) + "}").encode()
                     digest = _sha256(prev_hash + canonical).digest()
                     event = Event(seq, stream, version, type_, at, actor, command_id, data, digest.hex())
                 else:
@@ -844,7 +748,7 @@ _STOCK_UPSERT = _upsert("stock", STOCK_COLUMNS)
 def _write_projections(conn: sqlite3.Connection, orders: Iterable[Order], stock: Iterable[Stock]) -> None:
     conn.executemany(
         _ORDER_UPSERT,
-        [(o.order_id, o.customer, o.status, _dumps_validated([list(i) for i in o.items]), o.ship_to, o.note, o.version,
+        [(o.order_id, o.customer, o.status, dumps_validated([list(i) for i in o.items]), o.ship_to, o.note, o.version,
           o.created_at, o.updated_at, o.last_seq) for o in orders],
     )
     conn.executemany(

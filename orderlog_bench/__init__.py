@@ -29,7 +29,6 @@ import resource
 import secrets
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -150,7 +149,7 @@ def start_server(name: str, workdir: Path, secret: str, *, db: str | None = None
         command = [sys.executable, "-m", "orderlog.cli", "serve", "--db", db, "--host", "127.0.0.1", "--port", "0",
                    f"--jwt-secret={secret}", *args]  # one argument: a secret may start with "-"
     else:
-        command = [sys.executable, "-m", "orderlog.bench_baselines", name, "--port", "0"]
+        command = [sys.executable, "-m", "orderlog_bench.baselines", name, "--port", "0"]
         if fault:
             command += ["--fault", fault]
     with open(log, "wb") as err:
@@ -182,7 +181,7 @@ class Pool:
         self.workers: list[tuple[Any, Any]] = []
 
     def start(self, role: Callable, config: dict) -> int:
-        from .bench_workers import run_worker
+        from .workers import run_worker
 
         parent, child = self.context.Pipe()
         process = self.context.Process(target=run_worker, args=(role, config, child), daemon=True)
@@ -242,7 +241,7 @@ class Tokens:
         self._cache: dict[tuple[str, str], str] = {}
 
     def __call__(self, sub: str, role: str = "customer") -> str:
-        from .auth import mint
+        from orderlog.auth import mint
 
         key = (sub, role)
         if key not in self._cache:
@@ -298,7 +297,7 @@ def _problems(*lists: Any) -> list[str]:
 
 
 def scenario_commands(target: Target, o: argparse.Namespace, tokens: Tokens) -> dict:
-    from .bench_workers import DRAIN_TIMEOUT, SETUP_TIMEOUT, commands_role, setup_stock
+    from .workers import DRAIN_TIMEOUT, SETUP_TIMEOUT, commands_role, setup_stock
 
     setup_stock(target.url, tokens("bench-staff", "staff"))
     tag = f"k{time.time_ns() % 10**10}"
@@ -332,7 +331,7 @@ def scenario_commands(target: Target, o: argparse.Namespace, tokens: Tokens) -> 
 
 
 def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> dict:
-    from .bench_workers import DRAIN_TIMEOUT, SETUP_TIMEOUT, driver_role, setup_stock, subscriber_role
+    from .workers import DRAIN_TIMEOUT, SETUP_TIMEOUT, driver_role, setup_stock, subscriber_role
 
     setup_stock(target.url, tokens("bench-staff", "staff"))
     staff = round(o.subscribers * o.staff_share)
@@ -385,7 +384,7 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
 
 
 def scenario_replay(target: Target, o: argparse.Namespace, tokens: Tokens) -> dict:
-    from .bench_workers import catchup_role, ping_head
+    from .workers import catchup_role, ping_head
 
     token = tokens("replayer", "staff")
     if target.name == "orderlog":
@@ -418,7 +417,7 @@ def scenario_replay(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
 
 
 def scenario_connections(target: Target, o: argparse.Namespace, tokens: Tokens) -> dict:
-    from .bench_workers import DRAIN_TIMEOUT, driver_role, setup_stock, subscriber_role
+    from .workers import DRAIN_TIMEOUT, driver_role, setup_stock, subscriber_role
 
     setup_stock(target.url, tokens("bench-staff", "staff"))
     time.sleep(0.5)
@@ -477,7 +476,7 @@ def scenario_connections(target: Target, o: argparse.Namespace, tokens: Tokens) 
 
 
 def scenario_stall(target: Target, o: argparse.Namespace, tokens: Tokens) -> dict:
-    from .bench_workers import catchup_role, ping_head
+    from .workers import catchup_role, ping_head
 
     if target.db is None:
         raise BenchError("stall needs a server started by the bench (it appends to its database)")
@@ -509,8 +508,7 @@ def scenario_stall(target: Target, o: argparse.Namespace, tokens: Tokens) -> dic
                 appended_at = time.time()
                 if appender.returncode != 0:
                     raise BenchError(f"seed failed: {appender.stderr.read().decode()[-500:]}")
-                with sqlite3.connect(f"file:{target.db}?mode=ro", uri=True) as conn:
-                    db_head = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
+                db_head = _db_head(target.db)
             if appended_at is not None and time.time() >= began + o.stall_seconds:
                 if ping_head(target.url, tokens("stall-probe", "staff")) >= db_head:
                     break
@@ -544,13 +542,31 @@ RUNNERS: dict[str, Callable[[Target, argparse.Namespace, Tokens], dict]] = {
 }
 
 
+def _db_head(path: str) -> int:
+    from orderlog.store import Store
+
+    store = Store.open(path, readonly=True)
+    try:
+        return store.head()
+    finally:
+        store.close()
+
+
+def main(argv: list[str]) -> int:
+    """`orderlog bench ARGS...` (the CLI hands the arguments over; see `register`)."""
+    parser = argparse.ArgumentParser(prog="orderlog")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
 # -- the replay log cache ---------------------------------------------------------------------------
 
 
 def ensure_log(cache_dir: Path, events: int, say: Callable[[str], None]) -> Path:
     """A log of at least `events` events, built once with the seed generator and cached by size."""
-    from .cli import run_seed
-    from .store import Store
+    from orderlog.store import Store
+    from orderlog.store.seeding import run_seed
 
     path = cache_dir / f"orderlog-bench-replay-{events}.db"
     if path.exists():

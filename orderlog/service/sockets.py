@@ -4,7 +4,7 @@ trio-websocket (with wsproto) does the handshake, receives, and sends control fr
 data frame through it costs several trips through trio's scheduler (its send lock, the socket's
 checkpoints). Here instead:
 
-- `text_frame(payload)` frames a message ourselves. Server frames are unmasked and we never
+- `orderlog.wire.text_frame(payload)` frames a message ourselves. Server frames are unmasked and we never
   negotiate compression, so a frame is a 2-10 byte header plus the UTF-8 payload (RFC 6455
   section 5.2), and the same payload bytes can serve every connection.
 - `SocketWriter` is one per TCP connection, and every byte for that connection goes through it,
@@ -16,7 +16,7 @@ checkpoints). Here instead:
 
 Relies on trio-websocket 0.12 calling `stream.send_all` for its handshake and control frames and
 `stream.receive_some` for reading (its public `wrap_server_stream` takes any stream), and on trio's
-`SocketStream.socket.fileno()`. tests/test_wsfast.py checks the framing against wsproto's parser.
+`SocketStream.socket.fileno()`. tests/test_sockets.py checks the framing against wsproto's parser.
 """
 
 from __future__ import annotations
@@ -27,24 +27,10 @@ from typing import Protocol
 
 import trio
 
-from .wsrecv import FrameSplitter, MessageEnd
+from ..wire import FrameSplitter, MessageEnd
 
 HIGH_WATER = 256 * 1024  # queued bytes beyond which producers wait (or a subscription falls back)
 FAST_TURN = 32  # messages of one read handled in a row before letting other tasks run
-
-
-def frame_header(length: int) -> bytes:
-    """The header of an unmasked, final text frame carrying `length` payload bytes."""
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 65536:
-        return b"\x81\x7e" + length.to_bytes(2, "big")
-    return b"\x81\x7f" + length.to_bytes(8, "big")
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A complete server text frame."""
-    return frame_header(len(payload)) + payload
 
 
 class SocketWriter:

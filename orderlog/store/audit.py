@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 
-from .domain import Event, State
-from .store import EVENT_COLUMNS, ZERO_HASH, Store, event_hash
+from ..canonical import ZERO_HASH, event_hash
+from ..domain import Event, State
+from .log import EVENT_COLUMNS, Store
 
 Progress = Callable[[int, int], None]
 PROGRESS_EVERY = 10_000  # events between progress calls

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import random
 import uuid
 from contextlib import asynccontextmanager

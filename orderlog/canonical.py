@@ -1,0 +1,102 @@
+"""Canonical forms: the stored time format, canonical JSON, the event hash and the event's
+JSON object (docs/protocol.md). Pure: used by the store, the feed, the CLI and the clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .domain import Event
+
+ZERO_HASH = bytes(32)  # the `prev_hash` of event 1
+
+
+# -- time and canonical forms ----------------------------------------------------------------
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and a Z, the form of every stored `at`."""
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 time with an offset; ValueError if malformed."""
+    if not isinstance(text, str) or not re.match(r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z", text):
+        raise ValueError(f"not an RFC 3339 time with an offset: {text!r}")
+    moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    return moment.astimezone(timezone.utc)
+
+
+def time_bound(text: str) -> str:
+    """A filter time as the stored form, rounded up to the millisecond.
+
+    Stored times have millisecond precision, so `at >= t` equals `at >= ceil_ms(t)` and
+    `at < t` equals `at < ceil_ms(t)`: string comparison then compares instants.
+    """
+    moment = parse_time(text)
+    if moment.microsecond % 1000:
+        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+    return format_time(moment)
+
+
+# One encoder for every canonical text: json.dumps with these arguments would build a new
+# JSONEncoder per call, which is a measurable part of an append.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+json_string = json.encoder.encode_basestring  # a JSON string literal, as _CANONICAL writes it for a str (ensure_ascii=False)
+
+
+def dumps(value: Any) -> str:
+    """The canonical JSON text: sorted keys, no spaces, UTF-8 as is."""
+    return _CANONICAL.encode(value)
+
+
+# The same C encoder that `_CANONICAL.encode` builds per call, built once. It skips the check
+# for circular references, so it is only for values the domain validated (plain JSON types).
+_VALIDATED_ENCODER = (
+    json.encoder.c_make_encoder(None, _CANONICAL.default, json_string, None, ":", ",", True, False, True)
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
+def dumps_validated(value: Any) -> str:
+    """`dumps` for event data and projections on the append path (no cycles possible there)."""
+    if _VALIDATED_ENCODER is None:
+        return dumps(value)
+    return "".join(_VALIDATED_ENCODER(value, 0))
+
+
+def event_hash(prev_hash: bytes, event: Event) -> str:
+    """`sha256(prev_hash + canonical(event))`, hex (PROTOCOL.md section 5)."""
+    body = {
+        "seq": event.seq,
+        "stream": event.stream,
+        "version": event.version,
+        "type": event.type,
+        "at": event.at,
+        "actor": event.actor,
+        "command_id": event.command_id,
+        "data": event.data,
+    }
+    return hashlib.sha256(prev_hash + dumps(body).encode()).hexdigest()
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """The EVENT object of PROTOCOL.md (in `result` and the JSONL export)."""
+    return {
+        "type": event.type,
+        "seq": event.seq,
+        "stream": event.stream,
+        "version": event.version,
+        "at": event.at,
+        "actor": event.actor,
+        "command_id": event.command_id,
+        "data": event.data,
+        "hash": event.hash,
+    }
+
+

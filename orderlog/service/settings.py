@@ -1,0 +1,31 @@
+"""What `orderlog serve` can be told, with its defaults. Plain data: the CLI builds it without
+loading trio."""
+
+from __future__ import annotations
+
+import attrs
+
+from ..auth import Keys
+
+
+@attrs.frozen
+class Settings:
+    """Everything `orderlog serve` can be told; defaults live here."""
+
+    db: str = "orderlog.db"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    keys: Keys | None = None
+    allow_origins: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_size: int = 64 * 1024  # larger frames close with 1009
+    auth_timeout: float = 10.0
+    ping_interval: float = 20.0
+    max_connections: int = 10_000
+    max_subscriptions: int = 16  # per connection
+    rate_limit: float = 500.0  # commands per second per connection (token bucket)
+    rate_burst: int = 1000
+    handshake_timeout: float = 10.0  # slow handshakes are dropped after this
+    synchronous: str = "FULL"
+    window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
