@@ -7,7 +7,6 @@ import attrs
 
 from .domain import Command, Principal, Rejected
 
-
 # -- requests and outcomes --------------------------------------------------------------------
 
 

@@ -552,11 +552,16 @@ def _db_head(path: str) -> int:
         store.close()
 
 
-def main(argv: list[str]) -> int:
-    """`orderlog bench ARGS...` (the CLI hands the arguments over; see `register`)."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags of `orderlog bench ARGS...` (see `register`)."""
     parser = argparse.ArgumentParser(prog="orderlog")
     register(parser.add_subparsers())
-    args = parser.parse_args(["bench", *argv])
+    return parser.parse_args(["bench", *argv])
+
+
+def main(argv: list[str]) -> int:
+    """`orderlog bench ARGS...`: the CLI hands the arguments over."""
+    args = parse_args(argv)
     return args.func(args)
 
 

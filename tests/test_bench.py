@@ -106,10 +106,9 @@ def test_the_server_starts_with_a_secret_that_looks_like_a_flag(tmp_path: Path) 
 def test_a_server_that_does_not_start_is_a_failed_run(tmp_path: Path) -> None:
     """If orderlog cannot start (here its database path is a folder), the run is reported as
     FAILED with serve's own message, and the other targets and scenarios go on: no traceback."""
-    from orderlog_bench import Tokens, run_scenario
-    from orderlog.cli import build_parser
+    from orderlog_bench import Tokens, parse_args, run_scenario
 
-    args = build_parser().parse_args(["bench", "commands", *TINY])
+    args = parse_args(["commands", *TINY])
     (tmp_path / "commands-0.db").mkdir()  # where the bench puts this run's database
     runs = run_scenario("commands", args, Tokens("s" * 43), tmp_path, lambda line: None)
     [result] = runs["orderlog"]

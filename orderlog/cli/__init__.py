@@ -11,8 +11,8 @@ subcommands here loads trio.
 from __future__ import annotations
 
 import argparse
-import importlib
 import csv
+import importlib
 import io
 import json
 import os

@@ -10,7 +10,6 @@ This module does blocking I/O: the service calls it from a worker thread.
 
 from __future__ import annotations
 
-from hashlib import sha256 as _sha256
 import importlib.resources
 import json
 import logging
@@ -20,14 +19,12 @@ import secrets
 import sqlite3
 from collections.abc import Mapping  # not typing.Mapping: isinstance checks on it are several times slower
 from datetime import datetime, timezone
+from hashlib import sha256 as _sha256
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 
 from ..canonical import ZERO_HASH, dumps, dumps_validated, event_hash, format_time, json_string
-from ..feed import Channel, FeedEvent
-from . import feedreads
-from ..records import Ack, Filter, Outcome, Request
 from ..domain import (
     EVENT_TYPES,
     FINAL_STATUSES,
@@ -43,6 +40,9 @@ from ..domain import (
     order_of_event,
     stream_of,
 )
+from ..feed import Channel, FeedEvent
+from ..records import Ack, Filter, Outcome, Request
+from . import feedreads
 
 log = logging.getLogger("orderlog")
 

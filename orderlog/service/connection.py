@@ -1,0 +1,470 @@
+"""One WebSocket connection: authentication, requests, subscriptions (cursors on the log
+moved by its send loop until they are attached to the hub), keep-alive and token expiry."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .. import auth, protocol
+from ..auth import AUTH_CLOSE_CODE, AuthError
+from ..canonical import event_json
+from ..domain import Principal, Rejected, authorize, can_see_order, validate
+from ..feed import Channel, channel_frames
+from ..records import Ack, Request
+from ..store import Store
+from ..wire import text_frame
+from .hub import Subscription
+from .metrics import channel_kind
+from .sockets import HIGH_WATER, WriterStream
+from .writer import Pending
+
+if TYPE_CHECKING:
+    from .app import Service
+
+log = logging.getLogger("orderlog")
+
+GOING_AWAY = 1001
+CATCHUP_PAGE = 500  # events read from SQLite per catch-up step
+WINDOW_PAGE = 500  # events taken from the window per send-loop step
+MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
+CLOSE_TIMEOUT = 2.0  # seconds to wait for a client's close handshake
+PING_FRAME = b"\x89\x04ping"  # an unmasked ping frame with a 4-byte payload
+
+
+class CloseConnection(Exception):
+    """Raised inside a connection's tasks to close it with a code and reason."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    def __init__(self, service: Service, ws: WebSocketConnection, stream: WriterStream, number: int,
+                 token: str | None, remote: str):
+        self.service = service
+        self.ws = ws
+        self.stream = stream
+        self.writer = stream.writer
+        self.number = number
+        self.handshake_token = token
+        self.principal: Principal | None = None
+        self.expires_at = 0.0
+        self.subs: dict[str, Subscription] = {}
+        self.inflight = 0
+        self._space = trio.Event()
+        self._sending = False  # the send loop runs (only while some subscription is catching up)
+        self.ping_sent_at: float | None = None  # trio time of the unanswered keep-alive ping
+        self._nursery: trio.Nursery | None = None
+        self.close_reason: tuple[int, str] | None = None
+        settings = service.settings
+        self._tokens = float(settings.rate_burst)
+        self._refilled = time.monotonic()
+        self.remote = remote
+        self._ended = False  # run() has returned: messages still read are dropped
+        self._closing = False  # handle_fast asked for a close: messages still read are dropped
+        stream.receiver = self  # simple text messages come to handle_fast (wsfast.WriterStream)
+
+    # lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("event=connection.open conn=%d remote=%s", self.number, self.remote)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._guard(self._authenticate, stop_after=False)
+                if self.principal is not None and self.close_reason is None:
+                    nursery.start_soon(self._guard, self._receive_loop)
+        finally:
+            self._ended = True
+            if self.close_reason is not None:
+                code, reason = self.close_reason
+            elif self.ws.closed is not None:
+                code, reason = self.ws.closed.code, self.ws.closed.reason or ""
+            else:
+                code, reason = 1006, ""
+            user = self.principal.user if self.principal else "-"
+            role = self.principal.role if self.principal else "-"
+            log.info("event=connection.close conn=%d remote=%s user=%s role=%s code=%s reason=%r",
+                     self.number, self.remote, user, role, code, reason)
+
+    async def _guard(self, task: Callable[[], Any], stop_after: bool = True) -> None:
+        """Run one of the connection's tasks; any way it ends closes the whole connection."""
+        try:
+            await task()
+        except CloseConnection as exc:
+            await self.close(exc.code, exc.reason)
+            return
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lost(exc)
+            stop_after = True
+        if stop_after:
+            self._stop()
+
+    def _lost(self, exc: BaseException) -> None:
+        """Note why the connection ended: the peer's close, or (the socket died under a direct
+        write, the peer reset it) a close without a handshake."""
+        if isinstance(exc, ConnectionClosed):
+            reason = (self.ws.closed.code, self.ws.closed.reason or "") if self.ws.closed else (1006, "")
+        else:
+            reason = (1006, "connection lost")
+        self.close_reason = self.close_reason or reason
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with `code` and `reason` (once), then stop every task of this connection."""
+        if self.close_reason is None and self.ws.closed is None:
+            self.close_reason = (code, reason)
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await self.ws.aclose(code, reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # authentication -------------------------------------------------------------------
+
+    async def _authenticate(self) -> None:
+        token = self.handshake_token
+        request_id = None
+        if token is None:
+            with trio.move_on_after(self.service.settings.auth_timeout):
+                first = await self.ws.get_message()
+                self.stream.slow_messages -= 1
+                try:
+                    message = protocol.parse_json_object(first)
+                except protocol.ClientError:
+                    message = None
+                if not message or message.get("type") != "auth":
+                    raise CloseConnection(AUTH_CLOSE_CODE, auth.REQUIRED)
+                token = message.get("token")
+                request_id = message.get("id") if isinstance(message.get("id"), str) else None
+                if token is None:
+                    raise CloseConnection(AUTH_CLOSE_CODE, auth.INVALID)
+            if token is None:
+                raise CloseConnection(AUTH_CLOSE_CODE, auth.TIMEOUT)
+        self._accept_token(token, request_id)
+
+    def _accept_token(self, token: Any, request_id: str | None) -> None:
+        keys = self.service.settings.keys
+        assert keys is not None
+        try:
+            claims = auth.verify(token, keys, time.time())
+        except AuthError as exc:
+            log.info("event=auth.refused conn=%d remote=%s reason=%r detail=%r",
+                     self.number, self.remote, exc.reason, exc.detail)
+            raise CloseConnection(AUTH_CLOSE_CODE, exc.reason) from None
+        if self.principal is not None and claims.principal.user != self.principal.user:
+            raise CloseConnection(AUTH_CLOSE_CODE, auth.SUBJECT_CHANGED)
+        first = self.principal is None
+        self.principal = claims.principal
+        self.expires_at = claims.expires_at
+        if first:
+            log.info("event=connection.auth conn=%d user=%s role=%s", self.number, claims.principal.user,
+                     claims.principal.role)
+        self.push(protocol.reply(
+            "welcome", request_id, user=claims.principal.user, role=claims.principal.role,
+            head=self.service.hub.head, log_id=self.service.log_id, expires_at=auth.rfc3339(claims.expires_at),
+        ))
+
+    async def _retarget_subscriptions(self) -> None:
+        """After a refresh changed the role: every open subscription now sees what the new role
+        may see, from where it was; an `order:` channel the new role may not read is closed with
+        an unsolicited `unsubscribed`."""
+        principal = self.principal
+        assert principal is not None
+        hub = self.service.hub
+        for name, sub in list(self.subs.items()):
+            hub.detach(sub)
+            sub.channel = Channel(name, principal)
+            sub.redact = principal.role == "customer"
+            if name.startswith("order:"):
+                order = await self.service.readers.run(Store.get_order, name[6:])
+                if not can_see_order(principal, order) and self.subs.get(name) is sub:
+                    self.drop_subscription(name)
+                    self.push(protocol.reply("unsubscribed", None, channel=name))
+        self.wake()
+
+    def tick(self, now: float, wall: float, interval: float) -> None:
+        """Keep-alive and expiry, checked by the service's sweep (no timer task per connection).
+
+        A ping is written when the peer has been quiet for `interval`; any bytes from the peer
+        (its pong included) answer it; no answer within `interval` closes the connection.
+        """
+        if self.principal is None or self.close_reason is not None:
+            return
+        if wall >= self.expires_at:
+            self.close_soon(AUTH_CLOSE_CODE, auth.EXPIRED)
+            return
+        heard = self.stream.last_received
+        if self.ping_sent_at is not None:
+            if heard >= self.ping_sent_at:
+                self.ping_sent_at = None
+            elif now - self.ping_sent_at >= interval:
+                self.close_soon(GOING_AWAY, "keep-alive ping not answered")
+                return
+        if self.ping_sent_at is None and now - heard >= interval and self.ws.closed is None:
+            self.ping_sent_at = now
+            try:
+                self.writer.write(PING_FRAME)
+            except trio.BrokenResourceError:
+                self.wake()
+
+    def _stop(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        if self._nursery is not None:
+            try:
+                self._nursery.start_soon(self.close, code, reason)
+            except RuntimeError:  # already ended
+                pass
+
+    # sending replies ------------------------------------------------------------------
+
+    def push(self, text: str) -> None:
+        """Send one reply frame now (it queues behind earlier frames if the socket is full)."""
+        if self.ws.closed is not None:
+            return  # closing: nothing more goes out
+        try:
+            self.writer.write(text_frame(text.encode()))
+        except trio.BrokenResourceError:
+            self.wake()  # the send loop notices and ends the connection
+
+    def write_frames(self, frames: list[bytes]) -> None:
+        """Send event frames built by Hub.publish (see push)."""
+        if self.ws.closed is not None:
+            return
+        try:
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except trio.BrokenResourceError:
+            self.wake()
+
+    def wake(self) -> None:
+        """Something for the send loop to do: start it unless it runs (it rereads everything)."""
+        if not self._sending and self._nursery is not None and self.close_reason is None:
+            try:
+                self._nursery.start_soon(self._guard, self._send_loop, False)
+            except RuntimeError:  # the connection has ended; nothing more to send
+                return
+            self._sending = True
+
+    def command_done(self, command_id: str, outcome: Ack | Rejected) -> None:
+        self.inflight -= 1
+        if isinstance(outcome, Ack):
+            self.push(protocol.ack(command_id, outcome.seq, outcome.version, outcome.events, outcome.duplicate))
+        else:
+            self.push(protocol.error_from(outcome, command_id))
+        self._space.set()
+
+    async def _room(self) -> None:
+        """Wait until the socket's queue and the commands in flight are under their limits."""
+        while True:
+            await self.writer.drain(HIGH_WATER)
+            if self.inflight < MAX_INFLIGHT:
+                return
+            self._space = trio.Event()
+            await self._space.wait()
+
+    def drop_subscription(self, channel: str) -> bool:
+        sub = self.subs.pop(channel, None)
+        if sub is None:
+            return False
+        self.service.hub.detach(sub)
+        self.service.metrics.subscriptions.labels(channel_kind(channel)).dec()
+        return True
+
+    # receiving ------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        """The messages that come the usual way (fragmented, binary, or sent before the fast path
+        could take them); the others come to handle_fast. Ends when the WebSocket closes."""
+        while True:
+            await self._room()
+            frame = await self.ws.get_message()
+            try:
+                await self._dispatch(protocol.parse_request(frame))
+            except protocol.ClientError as exc:
+                self.push(protocol.error(exc.code, exc.message, exc.request_id, exc.details))
+            finally:
+                self.stream.slow_messages -= 1
+
+    def takes_fast(self) -> bool:
+        """See wsfast.FastReceiver: after authentication, unless the connection has ended (the
+        stream sends messages the usual way while earlier ones are still on it)."""
+        return self.principal is not None and not self._ended
+
+    async def handle_fast(self, text: str) -> None:
+        """One message, in trio-websocket's reader task (wsfast.WriterStream): what the receive
+        loop does for a message, and what _guard does when that fails. Never raises, except
+        trio.Cancelled."""
+        if self._closing or self.close_reason is not None or self.ws.closed is not None or self._ended:
+            return  # closing: like trio-websocket, drop what comes after
+        try:
+            await self._room()
+            try:
+                await self._dispatch(protocol.parse_request(text))
+            except protocol.ClientError as exc:
+                self.push(protocol.error(exc.code, exc.message, exc.request_id, exc.details))
+        except CloseConnection as exc:
+            # Closing waits for the peer's close frame, which this very task reads: close from
+            # another task, and drop what comes until then.
+            self._closing = True
+            self.close_soon(exc.code, exc.reason)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lost(exc)
+            self._stop()
+        except Exception:
+            log.exception("event=connection.crashed conn=%d", self.number)
+            self._closing = True
+            self.close_soon(1011, "internal error")
+
+    async def _dispatch(self, request: protocol.ClientRequest) -> None:
+        principal = self.principal
+        assert principal is not None
+        service = self.service
+        if isinstance(request, protocol.CommandRequest):
+            if not self._take_token():
+                service.metrics.command(request.command.name, "rate_limited")
+                raise protocol.ClientError("rate_limited", "too many commands; slow down and retry", request.id)
+            try:
+                validate(request.command)
+                authorize(request.command, principal)
+            except Rejected as exc:
+                service.metrics.command(request.command.name, exc.code)
+                raise protocol.ClientError(exc.code, exc.message, request.id, exc.details) from None
+            self.inflight += 1
+            pending = Pending(Request(principal, request.command, service.clock.now()), self)
+            if not service.submit_nowait(pending):
+                await service.submit(pending)
+        elif isinstance(request, protocol.Subscribe):
+            await self._subscribe(request, principal)
+        elif isinstance(request, protocol.Unsubscribe):
+            self.drop_subscription(request.channel)
+            self.push(protocol.reply("unsubscribed", request.id, channel=request.channel))
+        elif isinstance(request, protocol.Get):
+            await self._get(request, principal)
+        elif isinstance(request, protocol.Query):
+            await self._query(request, principal)
+        elif isinstance(request, protocol.Ping):
+            self.push(protocol.reply("pong", request.id, head=service.hub.head))
+        elif isinstance(request, protocol.Auth):
+            self._accept_token(request.token, request.id)
+            if self.principal.role != principal.role:
+                await self._retarget_subscriptions()
+
+    def _take_token(self) -> bool:
+        settings = self.service.settings
+        now = time.monotonic()
+        self._tokens = min(settings.rate_burst, self._tokens + (now - self._refilled) * settings.rate_limit)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def _subscribe(self, request: protocol.Subscribe, principal: Principal) -> None:
+        service = self.service
+        if request.channel.startswith("order:"):
+            order_id = request.channel[6:]
+            order = await service.readers.run(Store.get_order, order_id)
+            if not can_see_order(principal, order):
+                raise protocol.ClientError("not_found", f"order {order_id!r} not found", request.id)
+        head = service.hub.head
+        if request.log_id is not None and request.log_id != service.log_id:
+            raise protocol.ClientError("resync_required", "log_id is not this log's: drop your state and start over "
+                                       "from since 0", request.id, {"log_id": service.log_id, "head": head})
+        if request.since is not None and request.since > head:
+            raise protocol.ClientError("resync_required", f"since {request.since} is beyond the head {head}: this "
+                                       "log is not the one you read; start over from since 0", request.id,
+                                       {"log_id": service.log_id, "head": head})
+        if request.channel not in self.subs and len(self.subs) >= service.settings.max_subscriptions:
+            raise protocol.ClientError("rate_limited", f"at most {service.settings.max_subscriptions} subscriptions "
+                                       "per connection", request.id)
+        since = head if request.since is None else request.since
+        self.drop_subscription(request.channel)
+        self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=since, head=head))
+        self.subs[request.channel] = Subscription(self, Channel(request.channel, principal), since, since, head)
+        service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
+        self.wake()
+
+    async def _get(self, request: protocol.Get, principal: Principal) -> None:
+        readers = self.service.readers
+        if request.order_id is not None:
+            order = await readers.run(Store.get_order, request.order_id)
+            if not can_see_order(principal, order):
+                raise protocol.ClientError("not_found", f"order {request.order_id!r} not found", request.id)
+            self.push(protocol.reply("order", request.id, order=order.to_json()))
+        else:
+            stock = await readers.run(Store.get_stock, request.sku)
+            if stock is None:
+                raise protocol.ClientError("not_found", f"sku {request.sku!r} not found", request.id)
+            self.push(protocol.reply("stock", request.id, stock=stock.to_json()))
+
+    async def _query(self, request: protocol.Query, principal: Principal) -> None:
+        if not auth.can_query(principal):
+            raise protocol.ClientError("forbidden", "query is for staff and auditors", request.id)
+        events = await self.service.readers.run(Store.read_events, request.filter, request.limit + 1)
+        more = len(events) > request.limit
+        events = events[: request.limit]
+        self.push(protocol.reply("result", request.id, events=[event_json(e) for e in events],
+                                 next=events[-1].seq if more else None))
+
+    # sending --------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        """Bring every detached subscription up to the head, then attach it to the hub; end when
+        all are attached (an idle connection keeps no sending task).
+
+        Replies do not pass through here (they are written at once); this loop only sends
+        catch-up pages and `live` markers, waiting for the socket to drain between pages.
+        """
+        hub = self.service.hub
+        try:
+            while True:
+                await self.writer.drain(HIGH_WATER)
+                progressed = False
+                for sub in list(self.subs.values()):
+                    if sub.attached:
+                        continue
+                    if not sub.live_sent and sub.cursor >= sub.head:
+                        sub.live_sent = True
+                        self.push(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
+                        progressed = True
+                    elif sub.cursor < hub.head:
+                        await self._advance(sub)
+                        progressed = True
+                    elif self.subs.get(sub.channel.name) is sub:
+                        hub.attach(sub)  # caught up: from now on Hub.publish feeds it
+                if self.writer.error is not None:
+                    raise ConnectionClosed(None)
+                if not progressed:
+                    return
+        finally:
+            self._sending = False
+
+    async def _advance(self, sub: Subscription) -> None:
+        """Send the next page of what `sub` has not seen yet, from the window or SQLite."""
+        hub = self.service.hub
+        window = hub.window
+        channel = sub.channel
+        if window.covers(sub.cursor):
+            events = window.after(sub.cursor, WINDOW_PAGE)
+            cursor = events[-1].seq
+            frames, prev = channel_frames(channel, events, sub.prev)
+        else:
+            until = hub.head
+            frames, prev = await self.service.readers.run(Store.read_frames, channel, sub.cursor, until,
+                                                          CATCHUP_PAGE, sub.prev)
+            cursor = until if len(frames) < CATCHUP_PAGE else prev
+            if self.subs.get(channel.name) is not sub or sub.attached:
+                return  # replaced or unsubscribed while reading
+        if frames:
+            sub.prev = prev
+            self.write_frames(frames)
+        sub.cursor = cursor

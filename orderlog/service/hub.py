@@ -1,0 +1,127 @@
+"""The hub: the committed head, the window of recent events, and the subscriptions fed
+straight from each commit (see `Hub`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ..feed import Channel, FeedEvent, Window
+from .sockets import HIGH_WATER
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("orderlog")
+
+
+@attrs.define(eq=False, slots=True)
+class Subscription:
+    connection: "Connection"
+    channel: Channel
+    cursor: int  # every visible event with seq <= cursor has been sent (while detached)
+    prev: int  # seq of the last event sent (or `since`)
+    head: int  # subscribed.head: `live` comes once cursor >= it
+    live_sent: bool = False
+    attached: bool = False  # fed by Hub.publish; its cursor is then the hub's head
+    channel_json: bytes = b""
+    redact: bool = False  # a customer: other customers' order ids are left out of inventory
+
+    def __attrs_post_init__(self) -> None:
+        self.channel_json = self.channel.json_name
+        self.redact = self.channel.principal.role == "customer"
+
+
+class Hub:
+    """The committed head, the window of recent events, and the subscriptions fed directly.
+
+    A subscription that has caught up (its `live` marker sent, nothing of the window left to
+    send) is *attached*: `publish` routes each new event to the attached subscriptions that may
+    see it (indexed by channel and customer, so a customer's feed costs nothing for others'
+    events) and writes each connection's frames with one non-blocking write, without waking any
+    task. A connection whose socket does not keep up (more than HIGH_WATER bytes queued) has its
+    subscriptions detached at the exact event reached; its own send loop then continues from
+    there, from the window or from SQLite.
+    """
+
+    def __init__(self, head: int, size: int):
+        self.window = Window(head, size)
+        self.staff_orders: set[Subscription] = set()
+        self.customer_orders: dict[str, set[Subscription]] = {}
+        self.inventory: set[Subscription] = set()
+        self.streams: dict[str, set[Subscription]] = {}
+
+    @property
+    def head(self) -> int:
+        return self.window.head
+
+    def _index(self, sub: "Subscription") -> set:
+        name = sub.channel.name
+        if name == "orders":
+            if sub.channel.principal.role == "customer":
+                return self.customer_orders.setdefault(sub.channel.principal.user, set())
+            return self.staff_orders
+        if name == "inventory":
+            return self.inventory
+        return self.streams.setdefault(name, set())
+
+    def attach(self, sub: "Subscription") -> None:
+        """Feed `sub` directly from now on; it has been sent everything up to the head."""
+        sub.attached = True
+        self._index(sub).add(sub)
+
+    def detach(self, sub: "Subscription", cursor: int | None = None) -> None:
+        """Stop feeding `sub` directly; it has been sent everything visible up to `cursor`."""
+        if not sub.attached:
+            return
+        sub.attached = False
+        sub.cursor = self.head if cursor is None else cursor
+        index = self._index(sub)
+        index.discard(sub)
+        if not index:
+            name = sub.channel.name
+            if name == "orders" and sub.channel.principal.role == "customer":
+                self.customer_orders.pop(sub.channel.principal.user, None)
+            elif name.startswith("order:"):
+                self.streams.pop(name, None)
+
+    def publish(self, events: list[FeedEvent]) -> None:
+        if not events:
+            return
+        self.window.append(events)
+        out: dict[Connection, list[bytes]] = {}
+        sizes: dict[Connection, int] = {}
+        staff, inventory, streams, customers = self.staff_orders, self.inventory, self.streams, self.customer_orders
+        for event in events:
+            if event.is_order:
+                targets = list(staff)
+                if event.owner in customers:
+                    targets.extend(customers[event.owner])
+                if event.stream in streams:
+                    targets.extend(streams[event.stream])
+            elif inventory:
+                targets = list(inventory)
+            else:
+                continue
+            for sub in targets:
+                if not sub.attached:
+                    continue  # detached earlier in this publish
+                connection = sub.connection
+                frame = event.frame(sub.channel_json, sub.prev, sub.redact and sub.channel.redacts(event))
+                sub.prev = event.seq
+                parts = out.get(connection)
+                if parts is None:
+                    parts = out[connection] = []
+                    sizes[connection] = connection.writer.buffered
+                parts.append(frame)
+                sizes[connection] += len(frame)
+                if sizes[connection] > HIGH_WATER:
+                    # Too much for this socket now: its own send loop takes over from here.
+                    for other in list(connection.subs.values()):
+                        if other.attached:
+                            self.detach(other, event.seq if other.prev == event.seq else event.seq - 1)
+                    connection.wake()
+        for connection, parts in out.items():
+            connection.write_frames(parts)
