@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import attrs
 
 from .domain import Principal
+from .records import EventRow
 from .wire import frame_header
 
 _ORDER_ID_FIELD = re.compile(rb'"data":\{"order_id":"[A-Za-z0-9._-]*",')
@@ -76,7 +77,8 @@ class FeedEvent:
         return b"".join((frame_header(length), self.pre, channel_json, self.mid, prev_bytes, tail))
 
 
-FEED_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash, order_id, owner"
+# The events columns a FeedEvent is made of: the fields of records.EventRow, in its order.
+FEED_COLUMNS = ", ".join(EventRow._fields)
 
 
 def _tail(stream: str, version: int, at: str, actor: str, command_id: str, data_json: str, hash_: str) -> bytes:
@@ -87,7 +89,7 @@ def _tail(stream: str, version: int, at: str, actor: str, command_id: str, data_
 
 
 def feed_event(row: Sequence[Any]) -> FeedEvent:
-    """A FeedEvent from an events row (FEED_COLUMNS order)."""
+    """A FeedEvent from an `EventRow`, or an events row read in FEED_COLUMNS order."""
     seq, stream, version, type_, at, actor, command_id, data, hash_, order_id, owner = row
     # stream, type, at and hash are made of [A-Za-z0-9._:-] only (ids are checked on the way in),
     # so they need no escaping; actor and command_id are any strings.

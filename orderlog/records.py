@@ -1,7 +1,10 @@
 """The records passed between the shell and the store: a command to append (`Request`), its
-outcome (`Ack` or a `Rejected`), and which events to read (`Filter`). Pure data."""
+outcome (`Ack` or a `Rejected`), what a batch appended (`BatchResult`, `EventRow`), and which
+events to read (`Filter`). Pure data."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import attrs
 
@@ -28,6 +31,36 @@ class Ack:
 
 
 Outcome = Ack | Rejected
+
+
+class EventRow(NamedTuple):
+    """One appended event as the feed needs it (feed.FEED_COLUMNS, in this order).
+
+    A tuple, so that the store hands the same object to SQLite and to the service. `data` is
+    the event's canonical JSON text; `order_id` the order it concerns (None for a stock move
+    of no order); `owner` that order's customer.
+    """
+
+    seq: int
+    stream: str
+    version: int
+    type: str
+    at: str
+    actor: str
+    command_id: str
+    data: str
+    hash: str
+    order_id: str | None
+    owner: str | None
+
+
+@attrs.frozen
+class BatchResult:
+    """What `Store.execute_batch` did: one outcome per request, in order, and the events it
+    appended (in seq order; empty when every command was rejected or a duplicate)."""
+
+    outcomes: list[Outcome]
+    appended: list[EventRow] = attrs.Factory(list)
 
 
 @attrs.frozen

@@ -115,7 +115,7 @@ def place_directly(db: Path, user: str, order_id: str) -> None:
     try:
         command = Command("place_order", uuid.uuid4().hex, order_id,
                           data={"items": [{"sku": "kibble", "quantity": 1}]})
-        [outcome] = store.execute_batch([Request(Principal(user, "customer"), command, "2026-11-25T17:00:00.000Z")])
+        [outcome] = store.execute_batch([Request(Principal(user, "customer"), command, "2026-11-25T17:00:00.000Z")]).outcomes
         assert hasattr(outcome, "seq"), outcome
     finally:
         store.close()

@@ -336,7 +336,7 @@ def test_exports_are_utf8_whatever_the_locale(cli, db_path):
     store = Store.open(str(db_path), create=True)
     store.execute_batch([Request(Principal("staff-1", "staff"),
                                  Command("add_stock", "c-1", None, None, {"sku": "kibble", "quantity": 3, "name": "Müsli 🐹"}),
-                                 "2026-11-25T17:03:00.123Z")])
+                                 "2026-11-25T17:03:00.123Z")]).outcomes
     store.close()
     for fmt in ("jsonl", "csv"):
         done = subprocess.run([sys.executable, "-m", "orderlog.cli", "events", "--db", str(db_path), "--format", fmt],

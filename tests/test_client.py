@@ -49,7 +49,7 @@ def place_directly(db: Path, user: str, order_id: str) -> int:
     store = Store.open(str(db))
     try:
         command = Command("place_order", uuid.uuid4().hex, order_id, data={"items": [{"sku": "kibble", "quantity": 1}]})
-        [ack] = store.execute_batch([Request(Principal(user, "customer"), command, "2026-11-25T17:00:00.000Z")])
+        [ack] = store.execute_batch([Request(Principal(user, "customer"), command, "2026-11-25T17:00:00.000Z")]).outcomes
         return ack.seq
     finally:
         store.close()

@@ -75,7 +75,7 @@ def place(principal: Principal, order_id: str, items: list[tuple[str, int]], com
 
 
 def one(store: Store, request: Request) -> Ack | Rejected:
-    [outcome] = store.execute_batch([request])
+    [outcome] = store.execute_batch([request]).outcomes
     return outcome
 
 
@@ -205,7 +205,7 @@ def test_projections_equal_rebuild_and_log_is_gapless_and_chained(batches):
     """For random traffic in random batches the projections equal a rebuild and the fold of the log, seqs and versions have no gaps and the hash chain recomputes."""
     with fresh_store() as store:
         for batch in batches:
-            outcomes = store.execute_batch(batch)
+            outcomes = store.execute_batch(batch).outcomes
             assert len(outcomes) == len(batch)
         check_log_invariants(store)
         before = store.stored_projections()
@@ -220,7 +220,7 @@ def test_store_matches_reference_model_of_decide_and_evolve(batches):
     model = Model()
     with fresh_store() as store:
         for batch in batches:
-            got = [outcome_key(o) for o in store.execute_batch(batch)]
+            got = [outcome_key(o) for o in store.execute_batch(batch).outcomes]
             want = [outcome_key(model.execute(r)) for r in batch]
             assert got == want
         assert all_events(store) == model.events
@@ -239,7 +239,7 @@ def test_two_writers_taking_turns_match_one_writer(batches, turns):
         try:
             for i, batch in enumerate(batches):
                 store = writers[turns[i % len(turns)]]
-                got = [outcome_key(o) for o in store.execute_batch(batch)]
+                got = [outcome_key(o) for o in store.execute_batch(batch).outcomes]
                 assert got == [outcome_key(model.execute(r)) for r in batch]
             assert all_events(writers[0]) == model.events
             assert writers[1].stored_projections() == model.state
@@ -319,7 +319,7 @@ def test_rejected_command_changes_nothing(sequence):
 def test_one_batch_equals_one_by_one(sequence):
     """A batch mixing good and bad commands gives the same outcomes, log, idempotency record and projections as the same commands one per execute_batch call."""
     with fresh_store() as batched, fresh_store() as single:
-        together = [outcome_key(o) for o in batched.execute_batch(sequence)]
+        together = [outcome_key(o) for o in batched.execute_batch(sequence).outcomes]
         alone = [outcome_key(one(single, r)) for r in sequence]
         assert together == alone
         assert log_tables(batched) == log_tables(single)
@@ -336,7 +336,7 @@ def test_repeated_command_ids_return_the_original_ack(data, sequence):
         first: dict[tuple[str, str], Ack] = {}
         try:
             for batch in data.draw(batch_splits(sequence)):
-                for request, outcome in zip(batch, store.execute_batch(batch)):
+                for request, outcome in zip(batch, store.execute_batch(batch).outcomes):
                     key = (request.principal.user, request.command.command_id)
                     if isinstance(outcome, Ack):
                         if key in first:
@@ -361,7 +361,7 @@ def test_repeated_command_ids_return_the_original_ack(data, sequence):
                     ]))
                     replays.append((Request(principal, command, "2027-12-31T23:59:59.999Z"), ack))
                 if replays:
-                    outcomes = store.execute_batch([r for r, _ in replays])
+                    outcomes = store.execute_batch([r for r, _ in replays]).outcomes
                     assert outcomes == [attrs.evolve(ack, duplicate=True) for _, ack in replays]
                 assert log_tables(store) == before
             check_log_invariants(store)
@@ -380,7 +380,7 @@ def test_two_writers_on_one_file_keep_the_log_consistent(data, sequence):
         try:
             for batch in data.draw(batch_splits(sequence)):
                 writer = writers[data.draw(st.integers(0, 1))]
-                got = [outcome_key(o) for o in writer.execute_batch(batch)]
+                got = [outcome_key(o) for o in writer.execute_batch(batch).outcomes]
                 assert got == [outcome_key(model.execute(r)) for r in batch]
             for writer in writers:
                 assert all_events(writer) == model.events
@@ -486,7 +486,7 @@ def test_duplicate_command_returns_original_ack_across_reopen(tmp_path):
 def test_duplicate_inside_one_batch_returns_the_first_ack(tmp_path):
     """The same (user, command id) twice in one batch is applied once; the second outcome is the first ack marked duplicate."""
     store = open_store(tmp_path)
-    outcomes = store.execute_batch([add_stock("sku-a", 5, command_id="k"), add_stock("sku-a", 7, command_id="k")])
+    outcomes = store.execute_batch([add_stock("sku-a", 5, command_id="k"), add_stock("sku-a", 7, command_id="k")]).outcomes
     assert outcomes == [Ack(1, 1, ("stock-added",)), Ack(1, 1, ("stock-added",), duplicate=True)]
     assert store.get_stock("sku-a").available == 5
 
@@ -515,7 +515,7 @@ def test_rejected_command_id_is_not_remembered(tmp_path):
     outcomes = store.execute_batch([
         req(C1, "update_order", "k2", "o-1", {}),
         req(C1, "update_order", "k2", "o-1", {"note": "hi"}),
-    ])
+    ]).outcomes
     assert isinstance(outcomes[0], Rejected) and outcomes[0].code == "bad_request"
     assert outcomes[1] == Ack(4, 2, ("order-updated",))
 
@@ -530,7 +530,7 @@ def test_batch_commands_see_earlier_commands_of_the_same_batch(tmp_path):
         req(STAFF, "cancel_order", "c", "o-1"),
         place(C2, "o-2", [("sku-a", 2)], command_id="retry"),
         place(C1, "o-2", [("sku-a", 1)], command_id="steal"),
-    ])
+    ]).outcomes
     keys = [outcome_key(o) for o in outcomes]
     assert keys[0] == ("ack", 1, 1, ("stock-added",), False)
     assert keys[1] == ("ack", 3, 1, ("order-created", "stock-reserved"), False)
@@ -737,7 +737,7 @@ def test_rejections_from_the_store_carry_the_domain_codes(tmp_path):
         req(STAFF, "ship_order", "k6", "o-1"),
         req(C2, "cancel_order", "k7", "o-1"),
         place(C2, "o-1", [("sku-a", 1)]),
-    ])
+    ]).outcomes
     codes = [o.code if isinstance(o, Rejected) else "ack" for o in outcomes]
     assert codes == ["forbidden", "bad_request", "forbidden", "not_found", "ack", "ack", "forbidden",
                      "invalid_state", "not_found", "conflict"]

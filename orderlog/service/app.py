@@ -36,7 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 from .. import protocol
 from ..domain import Rejected
 from ..feed import FeedEvent, feed_event
-from ..records import Ack, Request
+from ..records import Ack, BatchResult, Request
 from ..store import Store, Unavailable
 from . import gcpolicy, http
 from .connection import CLOSE_TIMEOUT, Connection
@@ -114,18 +114,16 @@ class Service:
         return True
 
     def _commit(self, requests: list[Request], after: int) -> tuple[list, list[FeedEvent]]:
-        outcomes: list = []
-        self.store.last_appended = []
-        try:
-            outcomes = self.store.execute_batch(requests) if requests else []
-        finally:
-            rows = self.store.last_appended
-            if rows and rows[0][0] == after + 1 and len(rows) <= PUBLISH_LIMIT:
-                events = [feed_event(row) for row in rows]  # ours, straight after the head
-            else:
-                # Read back what is committed: events of another process, or after a failure.
-                events = self.store.read_feed(None, after, 2**62, PUBLISH_LIMIT)
-        return outcomes, events
+        """Commit `requests` (in the worker thread); their outcomes, and the events to publish
+        after the seq `after` (read back when they are not all ours)."""
+        result = self.store.execute_batch(requests) if requests else BatchResult([])
+        rows = result.appended
+        if rows and rows[0].seq == after + 1 and len(rows) <= PUBLISH_LIMIT:
+            events = [feed_event(row) for row in rows]  # ours, straight after the head
+        else:
+            # Read back what is committed: events of another process, or before ours.
+            events = self.store.read_feed(None, after, 2**62, PUBLISH_LIMIT)
+        return result.outcomes, events
 
     async def sweep(self) -> None:
         """Every connection's keep-alive ping and token expiry, in one task for all of them."""

@@ -69,7 +69,7 @@ class Connection:
         self.remote = remote
         self._ended = False  # run() has returned: messages still read are dropped
         self._closing = False  # handle_fast asked for a close: messages still read are dropped
-        stream.receiver = self  # simple text messages come to handle_fast (wsfast.WriterStream)
+        stream.receiver = self  # simple text messages come to handle_fast (sockets.WriterStream)
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ class Connection:
         if token is None:
             with trio.move_on_after(self.service.settings.auth_timeout):
                 first = await self.ws.get_message()
-                self.stream.slow_messages -= 1
+                self.stream.slow_message_done()
                 try:
                     message = protocol.parse_json_object(first)
                 except protocol.ClientError:
@@ -292,15 +292,15 @@ class Connection:
             except protocol.ClientError as exc:
                 self.push(protocol.error(exc.code, exc.message, exc.request_id, exc.details))
             finally:
-                self.stream.slow_messages -= 1
+                self.stream.slow_message_done()
 
     def takes_fast(self) -> bool:
-        """See wsfast.FastReceiver: after authentication, unless the connection has ended (the
+        """See sockets.FastReceiver: after authentication, unless the connection has ended (the
         stream sends messages the usual way while earlier ones are still on it)."""
         return self.principal is not None and not self._ended
 
     async def handle_fast(self, text: str) -> None:
-        """One message, in trio-websocket's reader task (wsfast.WriterStream): what the receive
+        """One message, in trio-websocket's reader task (sockets.WriterStream): what the receive
         loop does for a message, and what _guard does when that fails. Never raises, except
         trio.Cancelled."""
         if self._closing or self.close_reason is not None or self.ws.closed is not None or self._ended:

@@ -52,6 +52,11 @@ class SocketWriter:
         self._flushing = False  # the flusher task is running
         self._progress = trio.Event()
 
+    @property
+    def direct(self) -> bool:
+        """True on a plain TCP stream, whose socket takes direct, non-blocking reads and writes."""
+        return self._fd is not None
+
     def write(self, data: bytes) -> None:
         """Send `data` after everything written before it, without waiting.
 
@@ -152,12 +157,13 @@ class WriterStream(trio.abc.HalfCloseableStream):
     waiting for the 101) are held back until `accepted` is set: trio-websocket only looks for
     new frames after a read, so frames handed over before the accept would sit unread.
 
-    What comes after the head is split into frames (wsrecv.FrameSplitter). While `receiver`
+    What comes after the head is split into frames (wire.FrameSplitter). While `receiver`
     takes them, simple text messages are handed to it right here, inside trio-websocket's reader
     task, so they skip wsproto, the memory channel and a task switch; everything else (and every
     message the receiver does not take) reaches trio-websocket as the same bytes, whole frames
     only. `slow_messages` counts the data messages sent the usual way and not yet handled (the
-    receiver decrements it), so that a fast message never overtakes an earlier slow one.
+    receiver calls `slow_message_done` for each), so that a fast message never overtakes an
+    earlier slow one.
     """
 
     def __init__(self, stream: trio.SocketStream, writer: SocketWriter, prefix: bytes = b"",
@@ -173,6 +179,10 @@ class WriterStream(trio.abc.HalfCloseableStream):
         self._items: deque = deque()
         self.receiver: FastReceiver | None = None
         self.slow_messages = 0
+
+    def slow_message_done(self) -> None:
+        """One message sent the usual way has been handled (see the class docstring)."""
+        self.slow_messages -= 1
 
     @property
     def socket(self):  # trio-websocket names the endpoints from it
@@ -215,7 +225,7 @@ class WriterStream(trio.abc.HalfCloseableStream):
         """The next bytes from the peer (b"" at its end). On a plain TCP socket: wait until it is
         readable, then one non-blocking read, without trying first (after a message, a client
         that waits for its reply has sent nothing more) and without trio's extra checkpoints."""
-        if self.writer._fd is None:
+        if not self.writer.direct:
             return await self.stream.receive_some(max_bytes)
         socket = self.stream.socket
         while True:

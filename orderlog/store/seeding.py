@@ -62,7 +62,7 @@ def _seed_batches(store: Store, generator: SeedGenerator, report: SeedReport, co
     started = time.perf_counter()
     while report.commands < commands:
         planned = generator.batch(min(batch, commands - report.commands), clock())
-        outcomes = store.execute_batch([p.request for p in planned])
+        outcomes = store.execute_batch([p.request for p in planned]).outcomes
         for plan, outcome in zip(planned, outcomes):
             if isinstance(outcome, Rejected):
                 report.rejected[outcome.code] = report.rejected.get(outcome.code, 0) + 1
