@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import jwt
 
-from .domain import ROLES, Principal
+from .domain import ROLES, Principal, Role
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 MAX_TOKEN_BYTES = 16 * 1024  # longer tokens are refused unparsed
@@ -94,7 +94,7 @@ def verify(token: Any, keys: Keys, now: float) -> Claims:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_LENGTH or not _valid_unicode(sub):
         raise AuthError(INVALID, "sub must be a non-empty string")
-    role = claims.get("role", "customer")
+    role = claims.get("role", Role.CUSTOMER)
     if role not in ROLES:
         raise AuthError(INVALID, "unknown role")
     if exp <= now:
@@ -137,8 +137,8 @@ def mint(sub: str, role: str, ttl: float, now: float, key: Any, algorithm: str =
 
 def can_query(principal: Principal) -> bool:
     """`query` is for staff and auditors."""
-    return principal.role in ("staff", "auditor")
+    return principal.role in (Role.STAFF, Role.AUDITOR)
 
 
 def sees_all_orders(principal: Principal) -> bool:
-    return principal.role != "customer"
+    return principal.role != Role.CUSTOMER

@@ -22,7 +22,46 @@ from typing import Any
 
 import attrs
 
-ROLES = ("customer", "staff", "auditor")
+
+
+class Role:
+    """The roles a token may carry (PROTOCOL.md section 1). Plain strings: they go on the wire."""
+
+    CUSTOMER = "customer"  # places orders and acts on its own (the order's `customer`)
+    STAFF = "staff"  # runs the store: stock, and every order
+    AUDITOR = "auditor"  # reads everything, changes nothing
+
+
+ROLES = (Role.CUSTOMER, Role.STAFF, Role.AUDITOR)
+
+
+class Status:
+    """The statuses of an order (the flow itself is TRANSITIONS and STATUS_AFTER below)."""
+
+    PLACED = "placed"
+    APPROVED = "approved"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+
+class ErrorCode:
+    """The codes of an `error` reply (PROTOCOL.md section 2), defined once."""
+
+    BAD_REQUEST = "bad_request"  # malformed: the client's mistake
+    UNKNOWN_TYPE = "unknown_type"
+    FORBIDDEN = "forbidden"  # the role may never do this
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"  # the id is taken, or expected_version does not match
+    INVALID_STATE = "invalid_state"  # not from the order's current status
+    INSUFFICIENT_STOCK = "insufficient_stock"
+    RATE_LIMITED = "rate_limited"
+    RESYNC_REQUIRED = "resync_required"  # the cursor does not belong to this log
+    UNAVAILABLE = "unavailable"  # the log cannot be written right now; retry later
+    INTERNAL = "internal"  # a bug, logged on the server; the command was not applied
+
+
+ERROR_CODES = tuple(value for name, value in vars(ErrorCode).items() if name.isupper())
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 
 MAX_ITEMS = 100  # items per order
@@ -42,13 +81,13 @@ COMMANDS = (
 
 # Which roles may ever run a command (decided before any lookup: `forbidden`).
 ALLOWED_ROLES = {
-    "add_stock": {"staff"},
-    "place_order": {"customer", "staff"},
-    "update_order": {"customer", "staff"},
-    "approve_order": {"staff"},
-    "ship_order": {"staff"},
-    "deliver_order": {"staff"},
-    "cancel_order": {"customer", "staff"},
+    "add_stock": {Role.STAFF},
+    "place_order": {Role.CUSTOMER, Role.STAFF},
+    "update_order": {Role.CUSTOMER, Role.STAFF},
+    "approve_order": {Role.STAFF},
+    "ship_order": {Role.STAFF},
+    "deliver_order": {Role.STAFF},
+    "cancel_order": {Role.CUSTOMER, Role.STAFF},
 }
 
 # The fields each command's `data` may carry; True marks a required one.
@@ -63,22 +102,22 @@ DATA_FIELDS: dict[str, dict[str, bool]] = {
 }
 
 # The status flow as data: TRANSITIONS[command][role] = statuses the order may be in.
-# The owner of an order acts as "customer"; staff act on any order.
+# An order's customer acts on it as Role.CUSTOMER; staff act on any order.
 TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
-    "update_order": {"customer": frozenset({"placed"}), "staff": frozenset({"placed", "approved"})},
-    "approve_order": {"staff": frozenset({"placed"})},
-    "ship_order": {"staff": frozenset({"approved"})},
-    "deliver_order": {"staff": frozenset({"shipped"})},
-    "cancel_order": {"customer": frozenset({"placed"}), "staff": frozenset({"placed", "approved"})},
+    "update_order": {Role.CUSTOMER: frozenset({Status.PLACED}), Role.STAFF: frozenset({Status.PLACED, Status.APPROVED})},
+    "approve_order": {Role.STAFF: frozenset({Status.PLACED})},
+    "ship_order": {Role.STAFF: frozenset({Status.APPROVED})},
+    "deliver_order": {Role.STAFF: frozenset({Status.SHIPPED})},
+    "cancel_order": {Role.CUSTOMER: frozenset({Status.PLACED}), Role.STAFF: frozenset({Status.PLACED, Status.APPROVED})},
 }
 
 # The status an order has after each order event.
 STATUS_AFTER = {
-    "order-created": "placed",
-    "order-approved": "approved",
-    "order-shipped": "shipped",
-    "order-delivered": "delivered",
-    "order-cancelled": "cancelled",
+    "order-created": Status.PLACED,
+    "order-approved": Status.APPROVED,
+    "order-shipped": Status.SHIPPED,
+    "order-delivered": Status.DELIVERED,
+    "order-cancelled": Status.CANCELLED,
 }
 
 # The statuses no command can leave: an order in one of them never changes again.
@@ -122,7 +161,7 @@ class Principal:
     """Who is acting: the token's `sub` and `role`."""
 
     user: str
-    role: str = "customer"
+    role: str = Role.CUSTOMER
 
 
 @attrs.frozen
@@ -245,7 +284,7 @@ def _is_int(value: Any) -> bool:
 
 def _check_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not ID_RE.match(value):
-        raise Rejected("bad_request", f"{what} must be 1..64 characters of [A-Za-z0-9._-]")
+        raise Rejected(ErrorCode.BAD_REQUEST, f"{what} must be 1..64 characters of [A-Za-z0-9._-]")
     return value
 
 
@@ -253,12 +292,12 @@ def _check_text(data: Mapping[str, Any], key: str) -> None:
     if key in data:
         value = data[key]
         if not isinstance(value, str) or not 1 <= len(value) <= MAX_TEXT[key]:
-            raise Rejected("bad_request", f"data.{key} must be a string of 1..{MAX_TEXT[key]} characters")
+            raise Rejected(ErrorCode.BAD_REQUEST, f"data.{key} must be a string of 1..{MAX_TEXT[key]} characters")
 
 
 def _check_quantity(value: Any, what: str, top: int) -> int:
     if not _is_int(value) or not 1 <= value <= top:
-        raise Rejected("bad_request", f"{what} must be an integer from 1 to {top}")
+        raise Rejected(ErrorCode.BAD_REQUEST, f"{what} must be an integer from 1 to {top}")
     return value
 
 
@@ -272,30 +311,30 @@ def validate(command: Command) -> None:
     name = command.name
     allowed = _ALLOWED_KEYS.get(name) if type(name) is str else None
     if allowed is None:
-        raise Rejected("bad_request", f"unknown command name {name!r}; expected one of {', '.join(COMMANDS)}")
+        raise Rejected(ErrorCode.BAD_REQUEST, f"unknown command name {name!r}; expected one of {', '.join(COMMANDS)}")
     if command.expected_version is not None and (
         not _is_int(command.expected_version) or command.expected_version < 0
     ):
-        raise Rejected("bad_request", "expected_version must be an integer >= 0")
+        raise Rejected(ErrorCode.BAD_REQUEST, "expected_version must be an integer >= 0")
     data = command.data
     if not isinstance(data, Mapping):
-        raise Rejected("bad_request", "data must be an object")
+        raise Rejected(ErrorCode.BAD_REQUEST, "data must be an object")
     if not allowed.issuperset(data):
         unknown = sorted(set(data) - allowed)
         fields = DATA_FIELDS[name]
-        raise Rejected("bad_request", f"{name}: unknown data field {unknown[0]!r} (allowed: {', '.join(fields) or 'no fields'})")
+        raise Rejected(ErrorCode.BAD_REQUEST, f"{name}: unknown data field {unknown[0]!r} (allowed: {', '.join(fields) or 'no fields'})")
     for key in _REQUIRED_KEYS[name]:
         if key not in data:
-            raise Rejected("bad_request", f"{name}: data.{key} is required")
+            raise Rejected(ErrorCode.BAD_REQUEST, f"{name}: data.{key} is required")
     if name == "add_stock":
         if command.order_id is not None:
-            raise Rejected("bad_request", "add_stock takes no order_id")
+            raise Rejected(ErrorCode.BAD_REQUEST, "add_stock takes no order_id")
         _check_id(data["sku"], "data.sku")
         _check_quantity(data["quantity"], "data.quantity", MAX_STOCK_QUANTITY)
         _check_text(data, "name")
         return
     if command.order_id is None:
-        raise Rejected("bad_request", f"{name} needs order_id")
+        raise Rejected(ErrorCode.BAD_REQUEST, f"{name} needs order_id")
     _check_id(command.order_id, "order_id")
     for key in data:  # every field here is allowed; the free texts get their length checked
         if key in MAX_TEXT:
@@ -303,10 +342,10 @@ def validate(command: Command) -> None:
     if name == "place_order":
         items = data["items"]
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
-            raise Rejected("bad_request", f"data.items must be a list of 1..{MAX_ITEMS} items")
+            raise Rejected(ErrorCode.BAD_REQUEST, f"data.items must be a list of 1..{MAX_ITEMS} items")
         for i, item in enumerate(items):
             if not isinstance(item, Mapping) or len(item) != 2 or "sku" not in item or "quantity" not in item:
-                raise Rejected("bad_request", f"data.items[{i}] must be an object with exactly sku and quantity")
+                raise Rejected(ErrorCode.BAD_REQUEST, f"data.items[{i}] must be an object with exactly sku and quantity")
             sku, quantity = item["sku"], item["quantity"]
             if type(sku) is not str or not ID_RE.match(sku):
                 _check_id(sku, f"data.items[{i}].sku")
@@ -315,17 +354,17 @@ def validate(command: Command) -> None:
         if "customer" in data:
             _check_id(data["customer"], "data.customer")
     elif name == "update_order" and "ship_to" not in data and "note" not in data:
-        raise Rejected("bad_request", "update_order needs at least one of data.ship_to, data.note")
+        raise Rejected(ErrorCode.BAD_REQUEST, "update_order needs at least one of data.ship_to, data.note")
 
 
 def authorize(command: Command, principal: Principal) -> None:
     """Raise `forbidden` when the role may never run this command (no lookup involved)."""
     if principal.role not in ALLOWED_ROLES[command.name]:
-        raise Rejected("forbidden", f"role {principal.role!r} may not {command.name}")
-    if command.name == "place_order" and principal.role == "customer":
+        raise Rejected(ErrorCode.FORBIDDEN, f"role {principal.role!r} may not {command.name}")
+    if command.name == "place_order" and principal.role == Role.CUSTOMER:
         customer = command.data.get("customer")
         if customer is not None and customer != principal.user:
-            raise Rejected("forbidden", "a customer may place orders only for itself")
+            raise Rejected(ErrorCode.FORBIDDEN, "a customer may place orders only for itself")
 
 
 # -- decide --------------------------------------------------------------------------------
@@ -333,13 +372,13 @@ def authorize(command: Command, principal: Principal) -> None:
 
 def can_see_order(principal: Principal, order: Order | None) -> bool:
     """Customers see only their own orders; staff and auditors see all."""
-    return order is not None and (principal.role != "customer" or order.customer == principal.user)
+    return order is not None and (principal.role != Role.CUSTOMER or order.customer == principal.user)
 
 
 def _check_version(command: Command, current: int) -> None:
     if command.expected_version is not None and command.expected_version != current:
         raise Rejected(
-            "conflict",
+            ErrorCode.CONFLICT,
             f"{stream_of(command)} is at version {current}, not {command.expected_version}",
             {"current_version": current},
         )
@@ -373,7 +412,7 @@ def decide(command: Command, principal: Principal, state: State) -> list[NewEven
             # Order ids are global: any used id is a conflict, whoever owns it. The current
             # version is named only to someone who may see the order.
             details = {"current_version": order.version} if can_see_order(principal, order) else None
-            raise Rejected("conflict", f"order id {order_id!r} is already used", details)
+            raise Rejected(ErrorCode.CONFLICT, f"order id {order_id!r} is already used", details)
         _check_version(command, 0)
         wanted: dict[str, int] = {}
         for item in data["items"]:
@@ -383,7 +422,7 @@ def decide(command: Command, principal: Principal, state: State) -> list[NewEven
             available = stock.available if stock else 0
             if available < quantity:
                 raise Rejected(
-                    "insufficient_stock",
+                    ErrorCode.INSUFFICIENT_STOCK,
                     f"only {available} of {sku!r} available, {quantity} asked",
                     {"sku": sku, "available": available},
                 )
@@ -396,12 +435,12 @@ def decide(command: Command, principal: Principal, state: State) -> list[NewEven
         ]
 
     if not can_see_order(principal, order):
-        raise Rejected("not_found", f"order {order_id!r} not found")
+        raise Rejected(ErrorCode.NOT_FOUND, f"order {order_id!r} not found")
     assert order is not None
     _check_version(command, order.version)
     allowed = TRANSITIONS[command.name].get(principal.role, frozenset())
     if order.status not in allowed:
-        raise Rejected("invalid_state", f"cannot {command.name} an order that is {order.status}")
+        raise Rejected(ErrorCode.INVALID_STATE, f"cannot {command.name} an order that is {order.status}")
 
     if command.name == "update_order":
         return [NewEvent(stream, "order-updated", _optional(data, "ship_to", "note"))]
@@ -410,10 +449,10 @@ def decide(command: Command, principal: Principal, state: State) -> list[NewEven
     if command.name == "deliver_order":
         return [NewEvent(stream, "order-delivered", {})]
     if command.name == "ship_order":
-        head, per_item, extra = "order-shipped", "stock-shipped", _optional(data, "carrier", "tracking")
+        order_type, per_item, extra = "order-shipped", "stock-shipped", _optional(data, "carrier", "tracking")
     else:  # cancel_order
-        head, per_item, extra = "order-cancelled", "stock-released", _optional(data, "reason")
-    return [NewEvent(stream, head, extra)] + [
+        order_type, per_item, extra = "order-cancelled", "stock-released", _optional(data, "reason")
+    return [NewEvent(stream, order_type, extra)] + [
         NewEvent(sku_stream(sku), per_item, {"sku": sku, "quantity": q, "order_id": order_id})
         for sku, q in order.items
     ]
@@ -429,7 +468,7 @@ def evolve_order(order: Order | None, event: Event) -> Order | None:
         return Order(
             order_id=event.stream.partition(":")[2],
             customer=data["customer"],
-            status="placed",
+            status=Status.PLACED,
             items=tuple((i["sku"], i["quantity"]) for i in data["items"]),
             ship_to=data.get("ship_to"),
             note=data.get("note"),

@@ -16,8 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import attrs
 
-from .domain import Principal
-from .records import EventRow
+from .domain import Principal, Role
 from .wire import frame_header
 
 _ORDER_ID_FIELD = re.compile(rb'"data":\{"order_id":"[A-Za-z0-9._-]*",')
@@ -35,14 +34,14 @@ class FeedEvent:
     orders that are not theirs (to a customer, another customer's order does not exist).
     """
 
-    __slots__ = ("seq", "stream", "type", "owner", "order_id", "is_order", "pre", "mid", "tail")
+    __slots__ = ("seq", "stream", "type", "customer", "order_id", "is_order", "pre", "mid", "tail")
 
-    def __init__(self, seq: int, stream: str, type_: str, owner: str | None, order_id: str | None,
+    def __init__(self, seq: int, stream: str, type_: str, customer: str | None, order_id: str | None,
                  is_order: bool, pre: bytes, mid: bytes, tail: bytes):
         self.seq = seq
         self.stream = stream
         self.type = type_
-        self.owner = owner
+        self.customer = customer  # of the order the event concerns (None if none)
         self.order_id = order_id
         self.is_order = is_order
         self.pre = pre  # b'{"type":"<type>","channel":'
@@ -77,8 +76,9 @@ class FeedEvent:
         return b"".join((frame_header(length), self.pre, channel_json, self.mid, prev_bytes, tail))
 
 
-# The events columns a FeedEvent is made of: the fields of records.EventRow, in its order.
-FEED_COLUMNS = ", ".join(EventRow._fields)
+# The events columns a FeedEvent is made of, in the order of records.EventRow's fields (the
+# `owner` column holds the customer of the order the event concerns).
+FEED_COLUMNS = "seq, stream, version, type, at, actor, command_id, data, hash, order_id, owner"
 
 
 def _tail(stream: str, version: int, at: str, actor: str, command_id: str, data_json: str, hash_: str) -> bytes:
@@ -90,11 +90,11 @@ def _tail(stream: str, version: int, at: str, actor: str, command_id: str, data_
 
 def feed_event(row: Sequence[Any]) -> FeedEvent:
     """A FeedEvent from an `EventRow`, or an events row read in FEED_COLUMNS order."""
-    seq, stream, version, type_, at, actor, command_id, data, hash_, order_id, owner = row
+    seq, stream, version, type_, at, actor, command_id, data, hash_, order_id, customer = row
     # stream, type, at and hash are made of [A-Za-z0-9._:-] only (ids are checked on the way in),
     # so they need no escaping; actor and command_id are any strings.
     tail = _tail(stream, version, at, actor, command_id, data, hash_)
-    return FeedEvent(seq, stream, type_, owner, order_id, stream.startswith("order:"),
+    return FeedEvent(seq, stream, type_, customer, order_id, stream.startswith("order:"),
                      b'{"type":"' + type_.encode() + b'","channel":', b',"seq":' + str(seq).encode() + b',"prev":', tail)
 
 
@@ -111,7 +111,7 @@ class Channel:
 
     def sees(self, event: FeedEvent) -> bool:
         if self.name == "orders":
-            return event.is_order and (self.principal.role != "customer" or event.owner == self.principal.user)
+            return event.is_order and (self.principal.role != Role.CUSTOMER or event.customer == self.principal.user)
         if self.name == "inventory":
             return not event.is_order
         return event.stream == self.name
@@ -120,12 +120,12 @@ class Channel:
     def may_redact(self) -> bool:
         """Whether some event of this channel may reach this subscriber redacted (a customer's
         own `orders` never are)."""
-        return self.principal.role == "customer" and self.name != "orders"
+        return self.principal.role == Role.CUSTOMER and self.name != "orders"
 
     def redacts(self, event: FeedEvent) -> bool:
         """Whether this subscriber gets the event without `data.order_id`."""
-        return (self.principal.role == "customer" and event.order_id is not None
-                and event.owner != self.principal.user)
+        return (self.principal.role == Role.CUSTOMER and event.order_id is not None
+                and event.customer != self.principal.user)
 
 def channel_frames(channel: Channel, events: Iterable[FeedEvent], prev: int) -> tuple[list[bytes], int]:
     """The frames `channel` gets of `events` (those it sees, redacted where it must), the first

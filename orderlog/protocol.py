@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from .domain import ID_RE, Command, Rejected
+from .domain import ID_RE, Command, ErrorCode, Rejected
 from .canonical import time_bound
 from .records import Filter
 
@@ -99,13 +99,13 @@ def _is_int(value: Any) -> bool:
 def parse_json_object(text: str | bytes) -> dict[str, Any]:
     """The frame as a JSON object, or `bad_request` (binary, not JSON, not an object)."""
     if isinstance(text, (bytes, bytearray)):
-        raise ClientError("bad_request", "binary frames are not accepted: send one JSON object as a text frame")
+        raise ClientError(ErrorCode.BAD_REQUEST, "binary frames are not accepted: send one JSON object as a text frame")
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise ClientError("bad_request", f"not valid JSON: {_short(exc)}") from None
+        raise ClientError(ErrorCode.BAD_REQUEST, f"not valid JSON: {_short(exc)}") from None
     if not isinstance(value, dict):
-        raise ClientError("bad_request", f"a frame must be a JSON object, not {type(value).__name__}")
+        raise ClientError(ErrorCode.BAD_REQUEST, f"a frame must be a JSON object, not {type(value).__name__}")
     return value
 
 
@@ -127,20 +127,20 @@ def parse_request(text: str | bytes) -> ClientRequest:
     request_id = message.get("id")
     if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX
                             or not _encodable(request_id)):
-        raise ClientError("bad_request", f"id must be a string of 1..{REQUEST_ID_MAX} characters")
+        raise ClientError(ErrorCode.BAD_REQUEST, f"id must be a string of 1..{REQUEST_ID_MAX} characters")
     # A \uD800-style escape can smuggle a lone surrogate into a string, which no reply could
     # carry back as UTF-8: refuse it here, once, instead of failing later.
     if isinstance(text, str) and ("\\ud" in text or "\\uD" in text) and not _encodable(message):
-        raise ClientError("bad_request", "strings must be valid Unicode (no lone surrogate escapes)", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "strings must be valid Unicode (no lone surrogate escapes)", request_id)
     kind = message.get("type")
     if not isinstance(kind, str):
-        raise ClientError("bad_request", "every frame needs a string field type", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "every frame needs a string field type", request_id)
     if kind not in REQUEST_FIELDS:
-        raise ClientError("unknown_type", f"unknown type {kind[:64]!r}; expected one of {', '.join(REQUEST_FIELDS)}", request_id)
+        raise ClientError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}; expected one of {', '.join(REQUEST_FIELDS)}", request_id)
     extra = sorted(set(message) - REQUEST_FIELDS[kind] - {"type", "id"})
     # An `auth` frame is judged by its token alone (a bad one closes with 4001 `invalid token`).
     if extra and kind != "auth":
-        raise ClientError("bad_request", f"{kind}: unknown field {extra[0][:64]!r}", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, f"{kind}: unknown field {extra[0][:64]!r}", request_id)
     return _PARSERS[kind](message, request_id)
 
 
@@ -151,7 +151,7 @@ def _parse_auth(message: dict, request_id: str | None) -> Auth:
 def _channel(message: dict, request_id: str | None) -> str:
     channel = message.get("channel")
     if not isinstance(channel, str) or not CHANNEL_RE.match(channel):
-        raise ClientError("bad_request", "channel must be orders, inventory or order:<order_id>", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "channel must be orders, inventory or order:<order_id>", request_id)
     return channel
 
 
@@ -159,10 +159,10 @@ def _parse_subscribe(message: dict, request_id: str | None) -> Subscribe:
     channel = _channel(message, request_id)
     since = message.get("since")
     if since is not None and (not _is_int(since) or since < 0):
-        raise ClientError("bad_request", "since must be an integer >= 0", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "since must be an integer >= 0", request_id)
     log_id = message.get("log_id")
     if log_id is not None and not isinstance(log_id, str):
-        raise ClientError("bad_request", "log_id must be a string", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "log_id must be a string", request_id)
     return Subscribe(request_id, channel, since, log_id)
 
 
@@ -172,65 +172,65 @@ def _parse_unsubscribe(message: dict, request_id: str | None) -> Unsubscribe:
 
 def _parse_command(message: dict, request_id: str | None) -> CommandRequest:
     if request_id is None:
-        raise ClientError("bad_request", "a command needs an id (its idempotency key)")
+        raise ClientError(ErrorCode.BAD_REQUEST, "a command needs an id (its idempotency key)")
     name = message.get("name")
     if not isinstance(name, str):
-        raise ClientError("bad_request", "command: name must be a string", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "command: name must be a string", request_id)
     order_id = message.get("order_id")
     if order_id is not None and not isinstance(order_id, str):
-        raise ClientError("bad_request", "order_id must be a string", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "order_id must be a string", request_id)
     expected = message.get("expected_version")
     if expected is not None and (not _is_int(expected) or expected < 0):
-        raise ClientError("bad_request", "expected_version must be an integer >= 0", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "expected_version must be an integer >= 0", request_id)
     data = message.get("data", {})
     if not isinstance(data, dict):
-        raise ClientError("bad_request", "data must be an object", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "data must be an object", request_id)
     return CommandRequest(request_id, Command(name, request_id, order_id, expected, data))
 
 
 def _parse_get(message: dict, request_id: str | None) -> Get:
     order_id, sku = message.get("order_id"), message.get("sku")
     if (order_id is None) == (sku is None):
-        raise ClientError("bad_request", "get needs exactly one of order_id, sku", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "get needs exactly one of order_id, sku", request_id)
     value = order_id if sku is None else sku
     if not isinstance(value, str) or not ID_RE.match(value):
         which = "order_id" if sku is None else "sku"
-        raise ClientError("bad_request", f"{which} must be 1..64 characters of [A-Za-z0-9._-]", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, f"{which} must be 1..64 characters of [A-Za-z0-9._-]", request_id)
     return Get(request_id, order_id, sku)
 
 
 def _parse_query(message: dict, request_id: str | None) -> Query:
     limit = message.get("limit", DEFAULT_QUERY_LIMIT)
     if not _is_int(limit) or not 1 <= limit <= MAX_QUERY_LIMIT:
-        raise ClientError("bad_request", f"limit must be an integer from 1 to {MAX_QUERY_LIMIT}", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, f"limit must be an integer from 1 to {MAX_QUERY_LIMIT}", request_id)
     raw = message.get("filter", {})
     if not isinstance(raw, dict):
-        raise ClientError("bad_request", "filter must be an object", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "filter must be an object", request_id)
     unknown = sorted(set(raw) - set(FILTER_KEYS))
     if unknown:
-        raise ClientError("bad_request", f"filter: unknown key {unknown[0][:64]!r} (known: {', '.join(FILTER_KEYS)})", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, f"filter: unknown key {unknown[0][:64]!r} (known: {', '.join(FILTER_KEYS)})", request_id)
     fields: dict[str, Any] = {}
     for key in ("stream", "order_id", "actor"):
         if key in raw:
             if not isinstance(raw[key], str):
-                raise ClientError("bad_request", f"filter.{key} must be a string", request_id)
+                raise ClientError(ErrorCode.BAD_REQUEST, f"filter.{key} must be a string", request_id)
             fields[key] = raw[key]
     if "types" in raw:
         types = raw["types"]
         if not isinstance(types, list) or not all(isinstance(t, str) for t in types) or len(types) > 100:
-            raise ClientError("bad_request", "filter.types must be a list of strings", request_id)
+            raise ClientError(ErrorCode.BAD_REQUEST, "filter.types must be a list of strings", request_id)
         fields["types"] = tuple(types)
     for key in ("after", "until"):
         if key in raw:
             if not _is_int(raw[key]) or raw[key] < 0:
-                raise ClientError("bad_request", f"filter.{key} must be an integer >= 0", request_id)
+                raise ClientError(ErrorCode.BAD_REQUEST, f"filter.{key} must be an integer >= 0", request_id)
             fields[key] = raw[key]
     for key in ("from_time", "to_time"):
         if key in raw:
             try:
                 fields[key] = time_bound(raw[key])
             except (ValueError, TypeError):
-                raise ClientError("bad_request", f"filter.{key} must be an RFC 3339 time with an offset", request_id) from None
+                raise ClientError(ErrorCode.BAD_REQUEST, f"filter.{key} must be an RFC 3339 time with an offset", request_id) from None
     return Query(request_id, Filter(**fields), limit)
 
 

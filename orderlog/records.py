@@ -38,7 +38,7 @@ class EventRow(NamedTuple):
 
     A tuple, so that the store hands the same object to SQLite and to the service. `data` is
     the event's canonical JSON text; `order_id` the order it concerns (None for a stock move
-    of no order); `owner` that order's customer.
+    of no order); `customer` that order's customer (the events column `owner`).
     """
 
     seq: int
@@ -51,7 +51,7 @@ class EventRow(NamedTuple):
     data: str
     hash: str
     order_id: str | None
-    owner: str | None
+    customer: str | None
 
 
 @attrs.frozen

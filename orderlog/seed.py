@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from .domain import Command, Principal, Rejected
+from .domain import Command, ErrorCode, Principal, Rejected, Role, Status
 from .records import Ack, Request
 
 # (sku, name, popularity): popular items sell out more often.
@@ -97,8 +97,8 @@ WEIGHTS: tuple[tuple[str, float], ...] = (
 
 
 # The staff steps of an order: the status each one needs, and the status it leads to.
-_ADVANCES_FROM = {"approve_order": "placed", "ship_order": "approved", "deliver_order": "shipped"}
-_ADVANCES_TO = {"approve_order": "approved", "ship_order": "shipped", "deliver_order": "delivered"}
+_ADVANCES_FROM = {"approve_order": Status.PLACED, "ship_order": Status.APPROVED, "deliver_order": Status.SHIPPED}
+_ADVANCES_TO = {"approve_order": Status.APPROVED, "ship_order": Status.SHIPPED, "deliver_order": Status.DELIVERED}
 
 
 @attrs.define
@@ -154,7 +154,7 @@ class SeedGenerator:
         if stock:
             self.sync_stock(stock)
         self.orders: dict[str, SeedOrder] = {}
-        self.pools = {status: _Pool() for status in ("placed", "approved", "shipped")}
+        self.pools = {status: _Pool() for status in (Status.PLACED, Status.APPROVED, Status.SHIPPED)}
         self.commands = 0
         self.placed = 0
         self._principals: dict[str, Principal] = {}  # one (immutable) Principal per user
@@ -247,7 +247,7 @@ class SeedGenerator:
         if self.rng.random() < 0.3:
             data["name"] = self._names[sku]
         self.available[sku] += quantity
-        return self._request(at, self._staff(), "staff", "add_stock", None, data, None)
+        return self._request(at, self._staff(), Role.STAFF, "add_stock", None, data, None)
 
     def _restock(self, at: str) -> Planned:
         # Staff walk the shelves and refill the emptiest of a few skus they look at.
@@ -278,15 +278,15 @@ class SeedGenerator:
             data["note"] = self.rng.choice(NOTES)
         if self.rng.random() < 0.05:  # a phone order, typed in by staff
             data["customer"] = customer
-            user, role = self._staff(), "staff"
+            user, role = self._staff(), Role.STAFF
         else:
-            user, role = customer, "customer"
+            user, role = customer, Role.CUSTOMER
         if any(self.available[s] < q for s, q in items):  # skus are distinct within an order
-            return self._request(at, user, role, "place_order", order_id, data, "insufficient_stock")
+            return self._request(at, user, role, "place_order", order_id, data, ErrorCode.INSUFFICIENT_STOCK)
         for s, q in items:
             self.available[s] -= q
-        self.orders[order_id] = SeedOrder(order_id, customer, "placed", tuple(items))
-        self.pools["placed"].add(order_id)
+        self.orders[order_id] = SeedOrder(order_id, customer, Status.PLACED, tuple(items))
+        self.pools[Status.PLACED].add(order_id)
         return self._request(at, user, role, "place_order", order_id, data, None)
 
     def _advance(self, at: str, name: str, order: SeedOrder) -> Planned:
@@ -295,11 +295,11 @@ class SeedGenerator:
             data["carrier"] = self.rng.choice(CARRIERS)
             data["tracking"] = f"{data['carrier'][:2].upper()}{self.rng.randrange(10**9):09d}"
         self._move(order, _ADVANCES_TO[name])
-        return self._request(at, self._staff(), "staff", name, order.order_id, data, None)
+        return self._request(at, self._staff(), Role.STAFF, name, order.order_id, data, None)
 
     def _pick_open(self) -> SeedOrder | None:
         """A placed or approved order (where updates and cancels happen), if any."""
-        placed, approved = self.pools["placed"], self.pools["approved"]
+        placed, approved = self.pools[Status.PLACED], self.pools[Status.APPROVED]
         if not placed and not approved:
             return None
         pool = placed if self.rng.randrange(len(placed) + len(approved)) < len(placed) else approved
@@ -315,9 +315,9 @@ class SeedGenerator:
         if not data or self.rng.random() < 0.3:
             data["note"] = self.rng.choice(NOTES)
         if self.rng.random() < 0.7:  # the customer, who may change only a placed order
-            expect = None if order.status == "placed" else "invalid_state"
-            return self._request(at, order.customer, "customer", "update_order", order.order_id, data, expect)
-        return self._request(at, self._staff(), "staff", "update_order", order.order_id, data, None)
+            expect = None if order.status == Status.PLACED else ErrorCode.INVALID_STATE
+            return self._request(at, order.customer, Role.CUSTOMER, "update_order", order.order_id, data, expect)
+        return self._request(at, self._staff(), Role.STAFF, "update_order", order.order_id, data, None)
 
     def _cancel_order(self, at: str) -> Planned:
         order = self._pick_open()
@@ -327,22 +327,22 @@ class SeedGenerator:
         if self.rng.random() < 0.6:
             data["reason"] = self.rng.choice(CANCEL_REASONS)
         if self.rng.random() < 0.7:
-            user, role = order.customer, "customer"
-            expect = None if order.status == "placed" else "invalid_state"
+            user, role = order.customer, Role.CUSTOMER
+            expect = None if order.status == Status.PLACED else ErrorCode.INVALID_STATE
         else:
-            user, role, expect = self._staff(), "staff", None
+            user, role, expect = self._staff(), Role.STAFF, None
         if expect is None:
             for sku, q in order.items:
                 self.available[sku] += q
-            self._move(order, "cancelled")
+            self._move(order, Status.CANCELLED)
         return self._request(at, user, role, "cancel_order", order.order_id, data, expect)
 
     def _mistake(self, at: str) -> Planned:
         # Staff skip a step: ship an order nobody approved, or deliver one not yet shipped.
-        if self.pools["placed"]:
-            order = self.orders[self.pools["placed"].pick(self.rng)]
-            return self._request(at, self._staff(), "staff", "ship_order", order.order_id, {}, "invalid_state")
-        if self.pools["approved"]:
-            order = self.orders[self.pools["approved"].pick(self.rng)]
-            return self._request(at, self._staff(), "staff", "deliver_order", order.order_id, {}, "invalid_state")
+        if self.pools[Status.PLACED]:
+            order = self.orders[self.pools[Status.PLACED].pick(self.rng)]
+            return self._request(at, self._staff(), Role.STAFF, "ship_order", order.order_id, {}, ErrorCode.INVALID_STATE)
+        if self.pools[Status.APPROVED]:
+            order = self.orders[self.pools[Status.APPROVED].pick(self.rng)]
+            return self._request(at, self._staff(), Role.STAFF, "deliver_order", order.order_id, {}, ErrorCode.INVALID_STATE)
         return self._place_order(at)

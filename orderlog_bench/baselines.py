@@ -58,7 +58,7 @@ def event_frame(seq: int, prev: int, channel: str, order_id: str, actor: str, co
             f'"items":[{{"sku":"bench-kibble","quantity":1}}],"note":"{note}"}},"hash":"{HASH}"}}')
 
 
-class Hub:
+class BaselineHub:
     """The baseline's whole state: a seq counter and who subscribed to `orders`."""
 
     def __init__(self, fault: str | None):
@@ -158,7 +158,7 @@ def run_trio(host: str, port: int, fault: str | None) -> None:
     import trio
     from trio_websocket import ConnectionClosed, serve_websocket
 
-    hub = Hub(fault)
+    hub = BaselineHub(fault)
 
     def broadcast(conns: set, frame: str) -> None:
         for outbox in conns:
@@ -224,7 +224,7 @@ def run_websockets(host: str, port: int, fault: str | None) -> None:
     from websockets.asyncio.server import broadcast, serve
     from websockets.exceptions import ConnectionClosed
 
-    hub = Hub(fault)
+    hub = BaselineHub(fault)
 
     async def handler(ws) -> None:
         user, role = claims(ws.request.path)

@@ -300,7 +300,7 @@ def catchup_role(config: dict, pipe: Any) -> None:
 # -- command clients ----------------------------------------------------------------------------------
 
 
-class Client:
+class LoadClient:
     """One closed-loop client of the commands scenario: a customer connection and a staff one.
 
     Cycle k: place_order (customer), approve_order (staff), then ship_order (staff), or
@@ -343,13 +343,13 @@ def commands_role(config: dict, pipe: Any) -> None:
     loop = Loop(config["url"])
     mailbox = Mailbox(pipe, loop)
     errors: list[str] = []
-    clients: list[Client] = []
+    clients: list[LoadClient] = []
     state = {"running": False, "window": (0.0, 0.0), "acks": 0, "in_window": 0, "outstanding": 0,
              "stop_at": 0.0, "rejected": 0}
     latencies = array("d")
 
     def on_text(conn: Conn, buf: bytearray, start: int, end: int) -> None:
-        client: Client = conn.data
+        client: LoadClient = conn.data
         reply = parse_reply(buf, start, end)
         kind = reply.get("type")
         if kind == "welcome":
@@ -389,7 +389,7 @@ def commands_role(config: dict, pipe: Any) -> None:
 
     started = time.time()
     for number, (customer_token, staff_token) in config["clients"]:
-        client = Client(number, config["tag"])
+        client = LoadClient(number, config["tag"])
         client.customer = loop.open(customer_token, on_text, data=client, user=f"customer {number}")
         client.staff = loop.open(staff_token, on_text, data=client, user=f"staff {number}")
         clients.append(client)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from wsclient import (
     EVENT_TYPES,
     TIMEOUT,
-    Client,
+    Session,
     assert_quiet,
     decode,
     next_id,
@@ -56,7 +56,7 @@ def as_event(frame: dict) -> dict:
     return {k: v for k, v in frame.items() if k not in ("channel", "prev")}
 
 
-async def query_all(client: Client, **filt) -> list[dict]:
+async def query_all(client: Session, **filt) -> list[dict]:
     """Every event matching `filt`, paging with `next`."""
     events: list[dict] = []
     after = filt.pop("after", 0)
@@ -400,7 +400,7 @@ async def test_customers_see_only_their_own_orders(server):
             if e["type"] == "order-created":
                 owner[e["stream"][6:]] = e["data"]["customer"]
 
-        async def feed(client: Client, channel: str) -> list[dict]:
+        async def feed(client: Session, channel: str) -> list[dict]:
             frames = await client.until(lambda f: f.get("channel") == channel and f["type"] in EVENT_TYPES
                                         and f["seq"] == last_seq(channel), 10)
             kept = [f for f in frames if f.get("channel") != channel]
@@ -442,7 +442,7 @@ async def test_customers_see_only_their_own_orders(server):
         assert head == (await staff.ping())["head"]
 
 
-async def feed_upto(client: Client, channel: str, seq: int) -> list[dict]:
+async def feed_upto(client: Session, channel: str, seq: int) -> list[dict]:
     """Events of `channel` up to and including `seq` (other frames stay in the inbox)."""
     frames = await client.until(lambda f: f.get("channel") == channel and f["type"] in EVENT_TYPES and f["seq"] >= seq, 10)
     client.inbox[:0] = [f for f in frames if f.get("channel") != channel]
@@ -604,7 +604,7 @@ NOTE = "n" * 1000
 SHIP_TO = "s" * 500
 
 
-async def append_updates(writer: Client, start: int, count: int, batch: int = 200) -> int:
+async def append_updates(writer: Session, start: int, count: int, batch: int = 200) -> int:
     """`count` update_order commands on order `big` (about 1.8 KB per event), pipelined; the last ack seq."""
     last = 0
     for b in range(start, start + count, batch):
@@ -619,7 +619,7 @@ async def append_updates(writer: Client, start: int, count: int, batch: int = 20
     return last
 
 
-async def ack_latencies(writer: Client, prober: Client, start: int, count: int) -> tuple[list[float], int]:
+async def ack_latencies(writer: Session, prober: Session, start: int, count: int) -> tuple[list[float], int]:
     """Append `count` events from `writer` while `prober` measures its own commands' ack latency."""
     latencies: list[float] = []
     result = []
@@ -786,7 +786,7 @@ async def test_many_subscribers_under_concurrent_writers_each_get_their_exact_fe
                         await client.ok("add_stock", data={"sku": "toy", "quantity": 1})
                         await trio.sleep(0.002)
 
-            subscribers: list[tuple[Client, str, int]] = []  # client, channel, since
+            subscribers: list[tuple[Session, str, int]] = []  # client, channel, since
 
             async def subscriber(user: str, role: str, delay: float, opened: list) -> None:
                 await trio.sleep(delay)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from orderlog.auth import Keys
 from orderlog.service.server import serve
 from orderlog.service.settings import Settings
-from wsclient import EVENT_TYPES, SECRET, Client, assert_quiet, next_id, session
+from wsclient import EVENT_TYPES, SECRET, Session, assert_quiet, next_id, session
 
 ORDERS = 5  # order ids per example
 SKUS = ("bone", "ball")
@@ -108,7 +108,7 @@ def _strip(frame: dict) -> dict:
     return {k: v for k, v in frame.items() if k not in ("channel", "prev")}
 
 
-async def _query_all(staff: Client, after: int) -> list[dict]:
+async def _query_all(staff: Session, after: int) -> list[dict]:
     events: list[dict] = []
     while True:
         reply = await staff.request({"type": "query", "filter": {"after": after}, "limit": 1000})
@@ -119,7 +119,7 @@ async def _query_all(staff: Client, after: int) -> list[dict]:
         after = reply["next"]
 
 
-async def _feed(client: Client, channel: str, count: int) -> list[dict]:
+async def _feed(client: Session, channel: str, count: int) -> list[dict]:
     """Exactly `count` events of `channel`, then nothing more of it (checked with a ping)."""
     events = await client.events(channel, count)
     await client.ping()
@@ -128,7 +128,7 @@ async def _feed(client: Client, channel: str, count: int) -> list[dict]:
     return events
 
 
-async def _probe(client: Client, order_id: str, unused: str) -> list[dict]:
+async def _probe(client: Session, order_id: str, unused: str) -> list[dict]:
     """Every request a customer can make about `order_id`, normalized for comparison with `unused`."""
     requests: list[dict] = [
         {"type": "get", "order_id": order_id},

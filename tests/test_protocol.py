@@ -23,7 +23,7 @@ from wsclient import (
     EVENT_TYPES,
     SECRET,
     TIMEOUT,
-    Client,
+    Session,
     assert_quiet,
     connect,
     expect_close,
@@ -48,7 +48,7 @@ async def server(tmp_path):
         yield running
 
 
-async def expect_error(client: Client, message: dict, code: str) -> dict:
+async def expect_error(client: Session, message: dict, code: str) -> dict:
     """Send `message` (with an id); the reply must be `error` `code` echoing the id."""
     reply = await client.request(message)
     assert reply["type"] == "error", (message, reply)
@@ -581,7 +581,7 @@ async def test_concurrent_place_order_of_one_id_acks_exactly_once(server):
         for round_ in range(5):
             replies = {}
 
-            async def place(client: Client, name: str) -> None:
+            async def place(client: Session, name: str) -> None:
                 replies[name] = await client.command("place_order", f"race-{round_}",
                                                      {"items": [{"sku": "kibble", "quantity": 1}]})
 

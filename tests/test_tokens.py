@@ -33,7 +33,7 @@ from wsclient import SECRET, TIMEOUT, connect, expect_close, recv_json, send_jso
 
 AUDIENCE = "orderlog-api"
 ISSUER = "https://idp.example"
-HEAD_LIMIT = 16 * 1024  # the server's request head limit (orderlog.http.MAX_HEAD_BYTES)
+HEAD_LIMIT = 16 * 1024  # the server's request head limit (orderlog.service.http.MAX_REQUEST_HEAD_BYTES)
 WAYS = ("query", "header", "message")
 
 

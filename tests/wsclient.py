@@ -152,7 +152,7 @@ async def assert_quiet(ws: WebSocketConnection, seconds: float = 0.3) -> None:
         raise AssertionError(f"unexpected frame: {frame!r}")
 
 
-class Client:
+class Session:
     """An authenticated connection: requests by id, everything else kept in order in `inbox`."""
 
     def __init__(self, ws: WebSocketConnection, welcome: dict[str, Any]):
@@ -252,15 +252,15 @@ EVENT_TYPES = frozenset({
 
 @asynccontextmanager
 async def session(url: str, sub: str, role: str = "customer", *, secret: str = SECRET, ttl: float = 300,
-                  queue: int = 1024) -> AsyncIterator[Client]:
+                  queue: int = 1024) -> AsyncIterator[Session]:
     """A connection authenticated by query token, its `welcome` already read."""
     async with connect(url, token(sub, role, ttl, secret), queue=queue) as ws:
         welcome = await recv_json(ws)
         assert welcome["type"] == "welcome", welcome
-        yield Client(ws, welcome)
+        yield Session(ws, welcome)
 
 
-async def stock_up(client: Client, skus: dict[str, int]) -> None:
+async def stock_up(client: Session, skus: dict[str, int]) -> None:
     """add_stock for each sku (client must be staff)."""
     for sku, quantity in skus.items():
         await client.ok("add_stock", data={"sku": sku, "quantity": quantity})

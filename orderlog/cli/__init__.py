@@ -41,7 +41,8 @@ CSV_COLUMNS = ("seq", "stream", "version", "type", "at", "actor", "command_id", 
 
 
 class UsageError(Exception):
-    """A flag value argparse cannot check by itself (a malformed time, say): exit 2."""
+    """A mistake the user can fix that argparse cannot check by itself (a malformed time, a bad
+    environment value or key file): one line on stderr, exit 2 (`main`)."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -19,19 +19,15 @@ from typing import Any, Callable
 
 from .. import auth
 from ..auth import ALGORITHMS, Keys
+from ..domain import Role
 from ..service import gcpolicy
 from ..service.settings import Settings
 from ..store import StoreError
-from . import config
+from . import DEFAULT_DB, UsageError, config
 
-DEFAULT_DB = "orderlog.db"
 SECRET_SUFFIX = ".secret"  # the generated HS256 secret lives next to the database
 MIN_SECRET_BYTES = 32
 BACKOFF_CAP = 30.0  # seconds, for `tail`'s reconnects
-
-
-class UsageError(Exception):
-    """A bad flag, environment value or key file: one line, exit 2."""
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -403,19 +399,6 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 0
 
 
-def _one_line_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn UsageError into `orderlog: error: ...` and exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except UsageError as exc:
-            print(f"orderlog: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 # -- registration ------------------------------------------------------------------------------
 
 
@@ -469,7 +452,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                        "65536, ...); flags and ORDERLOG_* variables win over it (env ORDERLOG_CONFIG)")
     serve.add_argument("--print-config", action="store_true",
                        help="print the effective settings as TOML (secrets masked) and exit")
-    serve.set_defaults(func=_one_line_errors(cmd_serve))
+    serve.set_defaults(func=cmd_serve)
 
     token = subparsers.add_parser(
         "token", help="mint a JWT for development",
@@ -478,13 +461,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     )
     token.add_argument("--db", help=f"database whose secret to use (env ORDERLOG_DB; default {DEFAULT_DB})")
     token.add_argument("--sub", required=True, help="the user id")
-    token.add_argument("--role", default="customer", choices=auth.ROLES, help="default customer")
+    token.add_argument("--role", default=Role.CUSTOMER, choices=auth.ROLES, help="default customer")
     token.add_argument("--ttl", type=_arg(_seconds), default=3600.0, metavar="DURATION",
                        help="lifetime, e.g. 30m, 1h, 7d (default 1h)")
     _jwt_flags(token, private=True)
     token.add_argument("--config", metavar="FILE", help="the serve settings file, for db and the jwt_* keys "
                        "(env ORDERLOG_CONFIG)")
-    token.set_defaults(func=_one_line_errors(cmd_token))
+    token.set_defaults(func=cmd_token)
 
     tail = subparsers.add_parser(
         "tail", help="print a channel's events as JSON lines, resuming after disconnects",
@@ -497,7 +480,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     tail.add_argument("--since", type=_arg(_seq), metavar="SEQ",
                       help="replay events after this seq first (default: live only)")
     tail.add_argument("--count", type=_arg(_positive_int), metavar="N", help="exit after N events")
-    tail.set_defaults(func=_one_line_errors(cmd_tail))
+    tail.set_defaults(func=cmd_tail)
 
     subparsers.add_parser(
         "bench", add_help=False,

@@ -25,6 +25,8 @@ from typing import Any, AsyncIterator, Callable
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
+from ..domain import ErrorCode
+
 log = logging.getLogger("orderlog.client")
 
 BACKOFF_START = 1.0
@@ -119,7 +121,7 @@ class Client:
             self._pending.pop(frame["id"], None)
         reply = pending.reply or {}
         if reply.get("type") == "error":
-            raise OrderlogError(reply.get("code", "internal"), reply.get("message", ""), reply.get("details"))
+            raise OrderlogError(reply.get("code", ErrorCode.INTERNAL), reply.get("message", ""), reply.get("details"))
         return reply
 
     async def subscribe(self, channel: str, since: int | None = None) -> AsyncIterator[dict]:
@@ -176,7 +178,7 @@ class Client:
                 async with open_websocket_url(self.url, extra_headers=[(b"authorization", f"Bearer {self._token_now()}".encode())]) as ws:
                     welcome = json.loads(await ws.get_message())
                     if welcome.get("type") != "welcome":
-                        raise OrderlogError("internal", f"expected welcome, got {welcome.get('type')!r}")
+                        raise OrderlogError(ErrorCode.INTERNAL, f"expected welcome, got {welcome.get('type')!r}")
                     if self.log_id is not None and welcome.get("log_id") != self.log_id:
                         self.on_status(f"the server's log changed (log_id {welcome.get('log_id')}); resubscribing "
                                        "will be refused with resync_required")

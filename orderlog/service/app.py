@@ -34,7 +34,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from .. import protocol
-from ..domain import Rejected
+from ..domain import ErrorCode, Rejected
 from ..feed import FeedEvent, feed_event
 from ..records import Ack, BatchResult, Request
 from ..store import Store, Unavailable
@@ -92,11 +92,11 @@ class Service:
             body["error"] = self.write_error
         return ok, body
 
-    async def _healthz(self, head: http.Head) -> bytes:
+    async def _healthz(self, request_head: http.RequestHead) -> bytes:
         ok, body = self.health()
         return http.response(200 if ok else 503, (protocol.encode(body) + "\n").encode(), "application/json")
 
-    async def _metrics(self, head: http.Head) -> bytes:
+    async def _metrics(self, request_head: http.RequestHead) -> bytes:
         return http.response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     # writer ---------------------------------------------------------------------------
@@ -205,11 +205,11 @@ class Service:
         except Unavailable as exc:
             log.error("event=commit.failed commands=%d reason=%r", len(batch), str(exc))
             self.write_error = str(exc)
-            outcomes = [Rejected("unavailable", f"the log cannot be written right now ({exc}); retry later")] * len(batch)
+            outcomes = [Rejected(ErrorCode.UNAVAILABLE, f"the log cannot be written right now ({exc}); retry later")] * len(batch)
             events = []
         except Exception:
             log.exception("event=commit.crashed commands=%d", len(batch))
-            outcomes = [Rejected("internal", "internal error; the command was not applied")] * len(batch)
+            outcomes = [Rejected(ErrorCode.INTERNAL, "internal error; the command was not applied")] * len(batch)
             events = []
         if batch:
             self.metrics.batch_size.observe(len(batch))
@@ -235,24 +235,24 @@ class Service:
     async def handle_tcp(self, stream: trio.SocketStream) -> None:
         """One TCP connection: read the request head, then WebSocket or plain HTTP."""
         settings = self.settings
-        head = None  # stays None when the handshake timeout cuts the read short (slowloris)
+        request_head = None  # stays None when the handshake timeout cuts the read short (slowloris)
         try:
             with trio.move_on_after(settings.handshake_timeout):
                 try:
-                    head = await http.read_head(stream)
-                    if head is not None and _head_size(head.raw) > http.MAX_HEAD_BYTES:
-                        raise http.BadHead(431, "request head too large")
-                except http.BadHead as exc:
+                    request_head = await http.read_request_head(stream)
+                    if request_head is not None and _request_head_size(request_head.raw) > http.MAX_REQUEST_HEAD_BYTES:
+                        raise http.BadRequestHead(431, "request head too large")
+                except http.BadRequestHead as exc:
                     await stream.send_all(http.response(exc.status, f"{exc}\n".encode()))
-                    head = None
-                if head is not None and not head.is_websocket:
-                    await stream.send_all(await http.answer_http(head, self.routes, WS_PATH))
-                    head = None
-            if head is None:
+                    request_head = None
+                if request_head is not None and not request_head.is_websocket:
+                    await stream.send_all(await http.answer_http(request_head, self.routes, WS_PATH))
+                    request_head = None
+            if request_head is None:
                 return
             async with trio.open_nursery() as nursery:
                 writer = SocketWriter(stream, nursery)
-                ws_stream = WriterStream(stream, writer, head.raw, settings.max_message_size)
+                ws_stream = WriterStream(stream, writer, request_head.raw, settings.max_message_size)
                 with trio.move_on_after(settings.handshake_timeout) as scope:
                     request = await wrap_server_stream(nursery, ws_stream, max_message_size=settings.max_message_size,
                                                        receive_buffer_size=RECEIVE_BUFFER)
@@ -332,7 +332,7 @@ def _outcome_label(outcome: Ack | Rejected) -> str:
     return outcome.code
 
 
-def _head_size(raw: bytes) -> int:
+def _request_head_size(raw: bytes) -> int:
     """Bytes of the request head at the start of `raw`. h11 enforces its size limit only on a
     head still incomplete, so a larger one that arrives in a single read gets through it."""
     end = re.search(rb"\r?\n\r?\n", raw)

@@ -13,7 +13,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from .. import auth, protocol
 from ..auth import AUTH_CLOSE_CODE, AuthError
 from ..canonical import event_json
-from ..domain import Principal, Rejected, authorize, can_see_order, validate
+from ..domain import ErrorCode, Principal, Rejected, Role, authorize, can_see_order, validate
 from ..feed import Channel, channel_frames
 from ..records import Ack, Request
 from ..store import Store
@@ -181,7 +181,7 @@ class Connection:
         for name, sub in list(self.subs.items()):
             hub.detach(sub)
             sub.channel = Channel(name, principal)
-            sub.redact = principal.role == "customer"
+            sub.redact = principal.role == Role.CUSTOMER
             if name.startswith("order:"):
                 order = await self.service.readers.run(Store.get_order, name[6:])
                 if not can_see_order(principal, order) and self.subs.get(name) is sub:
@@ -330,8 +330,8 @@ class Connection:
         service = self.service
         if isinstance(request, protocol.CommandRequest):
             if not self._take_token():
-                service.metrics.command(request.command.name, "rate_limited")
-                raise protocol.ClientError("rate_limited", "too many commands; slow down and retry", request.id)
+                service.metrics.command(request.command.name, ErrorCode.RATE_LIMITED)
+                raise protocol.ClientError(ErrorCode.RATE_LIMITED, "too many commands; slow down and retry", request.id)
             try:
                 validate(request.command)
                 authorize(request.command, principal)
@@ -374,17 +374,17 @@ class Connection:
             order_id = request.channel[6:]
             order = await service.readers.run(Store.get_order, order_id)
             if not can_see_order(principal, order):
-                raise protocol.ClientError("not_found", f"order {order_id!r} not found", request.id)
+                raise protocol.ClientError(ErrorCode.NOT_FOUND, f"order {order_id!r} not found", request.id)
         head = service.hub.head
         if request.log_id is not None and request.log_id != service.log_id:
-            raise protocol.ClientError("resync_required", "log_id is not this log's: drop your state and start over "
+            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, "log_id is not this log's: drop your state and start over "
                                        "from since 0", request.id, {"log_id": service.log_id, "head": head})
         if request.since is not None and request.since > head:
-            raise protocol.ClientError("resync_required", f"since {request.since} is beyond the head {head}: this "
+            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, f"since {request.since} is beyond the head {head}: this "
                                        "log is not the one you read; start over from since 0", request.id,
                                        {"log_id": service.log_id, "head": head})
         if request.channel not in self.subs and len(self.subs) >= service.settings.max_subscriptions:
-            raise protocol.ClientError("rate_limited", f"at most {service.settings.max_subscriptions} subscriptions "
+            raise protocol.ClientError(ErrorCode.RATE_LIMITED, f"at most {service.settings.max_subscriptions} subscriptions "
                                        "per connection", request.id)
         since = head if request.since is None else request.since
         self.drop_subscription(request.channel)
@@ -398,17 +398,17 @@ class Connection:
         if request.order_id is not None:
             order = await readers.run(Store.get_order, request.order_id)
             if not can_see_order(principal, order):
-                raise protocol.ClientError("not_found", f"order {request.order_id!r} not found", request.id)
+                raise protocol.ClientError(ErrorCode.NOT_FOUND, f"order {request.order_id!r} not found", request.id)
             self.push(protocol.reply("order", request.id, order=order.to_json()))
         else:
             stock = await readers.run(Store.get_stock, request.sku)
             if stock is None:
-                raise protocol.ClientError("not_found", f"sku {request.sku!r} not found", request.id)
+                raise protocol.ClientError(ErrorCode.NOT_FOUND, f"sku {request.sku!r} not found", request.id)
             self.push(protocol.reply("stock", request.id, stock=stock.to_json()))
 
     async def _query(self, request: protocol.Query, principal: Principal) -> None:
         if not auth.can_query(principal):
-            raise protocol.ClientError("forbidden", "query is for staff and auditors", request.id)
+            raise protocol.ClientError(ErrorCode.FORBIDDEN, "query is for staff and auditors", request.id)
         events = await self.service.readers.run(Store.read_events, request.filter, request.limit + 1)
         more = len(events) > request.limit
         events = events[: request.limit]
@@ -432,7 +432,7 @@ class Connection:
                 for sub in list(self.subs.values()):
                     if sub.attached:
                         continue
-                    if not sub.live_sent and sub.cursor >= sub.head:
+                    if not sub.live_sent and sub.cursor >= sub.live_at:
                         sub.live_sent = True
                         self.push(protocol.encode({"type": "live", "channel": sub.channel.name, "seq": sub.cursor}))
                         progressed = True

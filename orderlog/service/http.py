@@ -15,7 +15,7 @@ import attrs
 import h11
 import trio
 
-MAX_HEAD_BYTES = 16 * 1024  # a request head larger than this gets 431
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # a request head larger than this gets 431
 RECEIVE_CHUNK = 16 * 1024
 
 STATIC_TYPES = {
@@ -62,7 +62,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
 
 @attrs.frozen
-class Head:
+class RequestHead:
     method: str
     target: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
@@ -73,21 +73,21 @@ class Head:
         return "websocket" in self.headers.get("upgrade", "").lower()
 
 
-class BadHead(Exception):
+class BadRequestHead(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
 
 
-async def read_head(stream: trio.abc.Stream) -> Head | None:
+async def read_request_head(stream: trio.abc.Stream) -> RequestHead | None:
     """Read one HTTP request head; None if the peer went away before sending one."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
     raw = b""
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise BadHead(exc.error_status_hint, "malformed HTTP request") from None
+            raise BadRequestHead(exc.error_status_hint, "malformed HTTP request") from None
         if event is h11.NEED_DATA:
             data = await stream.receive_some(RECEIVE_CHUNK)
             if not data:
@@ -101,8 +101,8 @@ async def read_head(stream: trio.abc.Stream) -> Head | None:
                 key = name.decode("latin-1").lower()
                 text = value.decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
-            return Head(event.method.decode("latin-1"), event.target.decode("latin-1"), headers, raw)
-        raise BadHead(400, "expected an HTTP request")
+            return RequestHead(event.method.decode("latin-1"), event.target.decode("latin-1"), headers, raw)
+        raise BadRequestHead(400, "expected an HTTP request")
 
 
 def response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
@@ -123,19 +123,19 @@ def static_file(name: str) -> bytes | None:
         return None
 
 
-Route = Callable[[Head], Awaitable[bytes]]
+Route = Callable[[RequestHead], Awaitable[bytes]]
 
 
-async def answer_http(head: Head, routes: dict[str, Route], ws_path: str) -> bytes:
+async def answer_http(request_head: RequestHead, routes: dict[str, Route], ws_path: str) -> bytes:
     """The whole response for a plain HTTP request."""
-    path = head.target.split("?", 1)[0]
+    path = request_head.target.split("?", 1)[0]
     if path == ws_path:
         return response(426, b"this is the WebSocket endpoint: connect with a WebSocket client\n",
                         extra=[("Upgrade", "websocket")])
-    if head.method not in ("GET", "HEAD"):
+    if request_head.method not in ("GET", "HEAD"):
         return response(405, b"only GET\n", extra=[("Allow", "GET")])
     if path in routes:
-        return await routes[path](head)
+        return await routes[path](request_head)
     name = STATIC_ROUTES.get(path)
     if name is not None:
         body = static_file(name)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ..domain import Role
 from ..feed import Channel, FeedEvent, Window
 from .sockets import HIGH_WATER
 
@@ -23,7 +24,7 @@ class Subscription:
     channel: Channel
     cursor: int  # every visible event with seq <= cursor has been sent (while detached)
     prev: int  # seq of the last event sent (or `since`)
-    head: int  # subscribed.head: `live` comes once cursor >= it
+    live_at: int  # the head at subscribe (subscribed.head): `live` comes once cursor >= it
     live_sent: bool = False
     attached: bool = False  # fed by Hub.publish; its cursor is then the hub's head
     channel_json: bytes = b""
@@ -31,7 +32,7 @@ class Subscription:
 
     def __attrs_post_init__(self) -> None:
         self.channel_json = self.channel.json_name
-        self.redact = self.channel.principal.role == "customer"
+        self.redact = self.channel.principal.role == Role.CUSTOMER
 
 
 class Hub:
@@ -60,7 +61,7 @@ class Hub:
     def _index(self, sub: "Subscription") -> set:
         name = sub.channel.name
         if name == "orders":
-            if sub.channel.principal.role == "customer":
+            if sub.channel.principal.role == Role.CUSTOMER:
                 return self.customer_orders.setdefault(sub.channel.principal.user, set())
             return self.staff_orders
         if name == "inventory":
@@ -82,7 +83,7 @@ class Hub:
         index.discard(sub)
         if not index:
             name = sub.channel.name
-            if name == "orders" and sub.channel.principal.role == "customer":
+            if name == "orders" and sub.channel.principal.role == Role.CUSTOMER:
                 self.customer_orders.pop(sub.channel.principal.user, None)
             elif name.startswith("order:"):
                 self.streams.pop(name, None)
@@ -97,8 +98,8 @@ class Hub:
         for event in events:
             if event.is_order:
                 targets = list(staff)
-                if event.owner in customers:
-                    targets.extend(customers[event.owner])
+                if event.customer in customers:
+                    targets.extend(customers[event.customer])
                 if event.stream in streams:
                     targets.extend(streams[event.stream])
             elif inventory:

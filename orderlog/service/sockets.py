@@ -172,7 +172,7 @@ class WriterStream(trio.abc.HalfCloseableStream):
         self.writer = writer
         end = prefix.find(b"\r\n\r\n")
         cut = end + 4 if end >= 0 else len(prefix)
-        self._head, self._trailing = prefix[:cut], prefix[cut:]
+        self._request_head, self._trailing = prefix[:cut], prefix[cut:]
         self.accepted = trio.Event()
         self.last_received = trio.current_time()  # when the peer last sent anything (keep-alive)
         self._splitter = FrameSplitter(max_message_size)
@@ -189,8 +189,8 @@ class WriterStream(trio.abc.HalfCloseableStream):
         return self.stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._head:
-            data, self._head = self._head, b""
+        if self._request_head:
+            data, self._request_head = self._request_head, b""
             await trio.lowlevel.checkpoint()
             return data
         items = self._items

@@ -22,6 +22,7 @@ import attrs
 from ..canonical import dumps, dumps_validated, event_hash, json_string
 from ..domain import (
     EVENT_TYPES,
+    ErrorCode,
     Event,
     NewEvent,
     Order,
@@ -152,7 +153,7 @@ def decide_command(request: Request, state: State) -> list[NewEvent] | Rejected:
     except Exception:
         # A bug, not the client's fault: this command fails alone, its neighbours go on.
         log.exception("event=decide.crashed actor=%r command=%r", request.principal.user, request.command.name)
-        return Rejected("internal", "internal error; the command was not applied")
+        return Rejected(ErrorCode.INTERNAL, "internal error; the command was not applied")
 
 
 def append_events(request: Request, new_events: Sequence[NewEvent], state: State, last: LastEvent) -> Appended:
@@ -191,10 +192,10 @@ def append_events(request: Request, new_events: Sequence[NewEvent], state: State
             touched_stock[key] = evolve_stock(current, event)  # type: ignore[arg-type]
         order_id = order_of_event(stream, data)
         found = (touched_orders.get(order_id) or orders.get(order_id)) if order_id is not None else None
-        owner = found.customer if found is not None else None
+        customer = found.customer if found is not None else None
         types.append(type_)
         rows.append(_new_row(EventRow, (seq, stream, version, type_, at, actor, command_id, data_text, event.hash,
-                                        order_id, owner)))
+                                        order_id, customer)))
     return Appended(rows, touched_orders, touched_stock, created, tuple(types), LastEvent(seq, prev_hash))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from ..domain import Role
 from ..feed import Channel, FeedEvent, channel_frames
 from ..wire import frame_header
 
@@ -30,7 +31,7 @@ _FRAME_SQL = f"""seq, CAST('{{"type":"' || type || '","channel":' || ? || ',"seq
 def channel_where(channel: Channel) -> tuple[str, list[Any]]:
     """The WHERE clause (beyond the seq range) selecting this channel's visible events."""
     if channel.name == "orders":
-        if channel.principal.role == "customer":
+        if channel.principal.role == Role.CUSTOMER:
             return "owner = ? AND substr(stream, 1, 6) = 'order:'", [channel.principal.user]
         return "substr(stream, 1, 6) = 'order:'", []
     if channel.name == "inventory":
