@@ -20,7 +20,7 @@ ALGORITHMS = ("HS256", "RS256", "ES256")
 MAX_TOKEN_BYTES = 16 * 1024  # longer tokens are refused unparsed
 MAX_SUB_LENGTH = 256
 
-# The exact close reasons of PROTOCOL.md section 1 (all with close code 4001).
+# The exact close reasons of docs/protocol.md section 1 (all with close code 4001).
 INVALID = "invalid token"
 EXPIRED = "token expired"
 TIMEOUT = "authentication timeout"
@@ -139,6 +139,3 @@ def can_query(principal: Principal) -> bool:
     """`query` is for staff and auditors."""
     return principal.role in (Role.STAFF, Role.AUDITOR)
 
-
-def sees_all_orders(principal: Principal) -> bool:
-    return principal.role != Role.CUSTOMER

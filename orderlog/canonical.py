@@ -71,7 +71,7 @@ def dumps_validated(value: Any) -> str:
 
 
 def event_hash(prev_hash: bytes, event: Event) -> str:
-    """`sha256(prev_hash + canonical(event))`, hex (PROTOCOL.md section 5)."""
+    """`sha256(prev_hash + canonical(event))`, hex (docs/protocol.md section 5)."""
     body = {
         "seq": event.seq,
         "stream": event.stream,
@@ -86,7 +86,7 @@ def event_hash(prev_hash: bytes, event: Event) -> str:
 
 
 def event_json(event: Event) -> dict[str, Any]:
-    """The EVENT object of PROTOCOL.md (in `result` and the JSONL export)."""
+    """The EVENT object of docs/protocol.md (in `result` and the JSONL export)."""
     return {
         "type": event.type,
         "seq": event.seq,

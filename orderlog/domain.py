@@ -1,15 +1,15 @@
 """The pet store's rules: commands in, events out; events in, state out.
 
-Theory of operation. ``decide(command, state)`` validates a command against the part of
-the current state it touches and returns the new events, or raises ``Rejected`` carrying the
-PROTOCOL.md error code. ``evolve(state, event)`` folds one stored event into that state. The
-projections in SQLite are exactly ``evolve`` folded over the log, so they can always be
-rebuilt.
+Theory of operation. ``decide(command, principal, state)`` validates a command by a principal
+against the part of the current state it touches and returns the new events, or raises
+``Rejected`` carrying the error code of the protocol (docs/protocol.md). ``evolve(state, event)``
+folds one stored event into that state. The projections in SQLite are exactly ``evolve`` folded
+over the log, so they can always be rebuilt.
 
 Rules of this file: no I/O, no clock, no randomness. Time, ids and the acting user come in
 as arguments; the store assigns seq, version, time and hash when it appends.
 
-When a command is wrong in several ways the first error in this order wins (PROTOCOL.md
+When a command is wrong in several ways the first error in this order wins (docs/protocol.md
 section 2): ``bad_request``, ``forbidden`` (decided from the role alone, before any lookup),
 ``not_found``, then ``conflict`` / ``invalid_state`` / ``insufficient_stock``.
 """
@@ -25,7 +25,7 @@ import attrs
 
 
 class Role:
-    """The roles a token may carry (PROTOCOL.md section 1). Plain strings: they go on the wire."""
+    """The roles a token may carry (docs/protocol.md section 1). Plain strings: they go on the wire."""
 
     CUSTOMER = "customer"  # places orders and acts on its own (the order's `customer`)
     STAFF = "staff"  # runs the store: stock, and every order
@@ -46,7 +46,7 @@ class Status:
 
 
 class ErrorCode:
-    """The codes of an `error` reply (PROTOCOL.md section 2), defined once."""
+    """The codes of an `error` reply (docs/protocol.md section 2), defined once."""
 
     BAD_REQUEST = "bad_request"  # malformed: the client's mistake
     UNKNOWN_TYPE = "unknown_type"
@@ -139,7 +139,7 @@ EVENT_TYPES = (
 
 
 class Rejected(Exception):
-    """A command (or request) refused, with its PROTOCOL.md error code.
+    """A command (or request) refused, with its error code (`ErrorCode`, docs/protocol.md section 2).
 
     Client mistakes (`bad_request`, `forbidden`, `not_found`) and refused but valid commands
     (`conflict`, `invalid_state`, `insufficient_stock`) both travel as this; anything else
@@ -186,7 +186,7 @@ class NewEvent:
 
 @attrs.frozen
 class Event:
-    """A stored event, as in the log (PROTOCOL.md section 5)."""
+    """A stored event, as in the log (docs/protocol.md section 5)."""
 
     seq: int
     stream: str
@@ -213,7 +213,7 @@ class Order:
     last_seq: int
 
     def to_json(self) -> dict[str, Any]:
-        """The `order` shape of PROTOCOL.md section 4."""
+        """The `order` shape of docs/protocol.md section 4."""
         return {
             "order_id": self.order_id,
             "customer": self.customer,
@@ -238,7 +238,7 @@ class Stock:
     last_seq: int
 
     def to_json(self) -> dict[str, Any]:
-        """The `stock` shape of PROTOCOL.md section 4."""
+        """The `stock` shape of docs/protocol.md section 4."""
         return {
             "sku": self.sku,
             "name": self.name,
@@ -391,7 +391,7 @@ def _optional(data: Mapping[str, Any], *keys: str) -> dict[str, Any]:
 def decide(command: Command, principal: Principal, state: State) -> list[NewEvent]:
     """Validate `command` by `principal` against `state` and return the events to append.
 
-    Raises `Rejected` with the PROTOCOL.md code; a rejected command appends nothing.
+    Raises `Rejected` with the error code (`ErrorCode`); a rejected command appends nothing.
     """
     validate(command)
     authorize(command, principal)

@@ -1,5 +1,5 @@
 """The live feed's data side: events encoded once, a bounded window of recent ones, and
-the per-channel visibility rules (PROTOCOL.md section 3).
+the per-channel visibility rules (docs/protocol.md section 3).
 
 A subscription is a cursor on the log. It reads what follows its cursor from the in-memory
 window when the window still holds it, and from SQLite otherwise; so a slow subscriber costs

@@ -1,6 +1,6 @@
 """The wire protocol, sans I/O: a text frame in -> a typed request or a ClientError; replies out.
 
-Every frame is one UTF-8 JSON object with a string `type` (PROTOCOL.md section 2). Parsing
+Every frame is one UTF-8 JSON object with a string `type` (docs/protocol.md section 2). Parsing
 is strict: a missing, mistyped or unknown field is a `bad_request` naming the field, so a
 typo such as `sinse` is reported instead of silently meaning "live only". Nothing here
 touches a socket, a clock or the database.

@@ -1,5 +1,5 @@
 """Connecting to the live service: path, Origin, the three ways of sending a token, the exact
-4001 close reasons, in-band refresh and the `welcome` message (PROTOCOL.md section 1).
+4001 close reasons, in-band refresh and the `welcome` message (docs/protocol.md section 1).
 
 A real server on port 0 with a SQLite file in tmp_path, real trio-websocket clients.
 """

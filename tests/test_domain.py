@@ -1,4 +1,4 @@
-"""The pure domain (PROTOCOL.md section 4): role rules, error precedence, the status flow,
+"""The pure domain (docs/protocol.md section 4): role rules, error precedence, the status flow,
 stock, the events each command appends and the shapes of orders and stock.
 
 Everything here runs `decide` and `evolve` directly; a tiny in-memory log assigns seq and
@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orderlog.domain import Command, Event, Order, Principal, Rejected, State, Stock, decide, evolve, fold
+from orderlog.domain import (ERROR_CODES, ROLES, Command, Event, Order, Principal, Rejected, State, Status, Stock,
+                             decide, evolve, fold)
 
 from strategies import AUDITOR, CUSTOMERS, STAFF, request_sequences
 
@@ -30,7 +31,7 @@ ORDER_COMMANDS = ("update_order", "approve_order", "ship_order", "deliver_order"
 STAFF_ONLY = ("add_stock", "approve_order", "ship_order", "deliver_order")
 STATUSES = ("placed", "approved", "shipped", "delivered", "cancelled")
 
-# PROTOCOL.md section 4, written out independently of domain.TRANSITIONS:
+# docs/protocol.md section 4, written out independently of domain.TRANSITIONS:
 # (command, who) -> the statuses the order may be in.
 ALLOWED_FROM = {
     ("update_order", "owner"): {"placed"},
@@ -246,7 +247,7 @@ def test_conflict_invalid_state_and_insufficient_stock_when_nothing_else_is_wron
 @pytest.mark.parametrize("who", ("owner", "staff"))
 @pytest.mark.parametrize("name", ORDER_COMMANDS)
 def test_status_transitions(name, who, status):
-    """Each order command by the owner or staff is applied exactly in the statuses PROTOCOL.md allows, otherwise `invalid_state` (or `forbidden` for customers on staff commands)."""
+    """Each order command by the owner or staff is applied exactly in the statuses docs/protocol.md allows, otherwise `invalid_state` (or `forbidden` for customers on staff commands)."""
     log = order_in(status)
     principal = C1 if who == "owner" else STAFF
     command = valid_command(name)
@@ -476,7 +477,7 @@ def test_cancel_order_events():
 
 
 def test_order_shape():
-    """Order.to_json has exactly the PROTOCOL.md keys, with null ship_to/note when never given and times of the first and last order event."""
+    """Order.to_json has exactly the docs/protocol.md keys, with null ship_to/note when never given and times of the first and last order event."""
     log = stocked(sku_a=5)
     log.run(C1, cmd("place_order", "o-1", items=items(("sku-a", 2), ("sku-a", 1))), at=AT)
     assert log.order().to_json() == {
@@ -491,7 +492,7 @@ def test_order_shape():
 
 
 def test_stock_shape():
-    """Stock.to_json has exactly the PROTOCOL.md keys."""
+    """Stock.to_json has exactly the docs/protocol.md keys."""
     log = stocked(sku_a=5)
     assert log.stock("sku-a").to_json() == {"sku": "sku-a", "name": None, "available": 5, "reserved": 0,
                                             "version": 1, "last_seq": 1}
@@ -665,3 +666,17 @@ def test_other_customers_orders_are_indistinguishable_from_unused_ids(sequence, 
             views.append(rejection_view(info.value))
         assert views[0] == views[1]
         assert views[0][0] in ("not_found", "forbidden")
+
+
+def test_the_named_constants_are_the_documented_strings():
+    """ERROR_CODES, ROLES and the statuses are exactly the ones docs/protocol.md lists, in its order."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    codes = re.search(r"codes: (.*?)\.\n", text, re.S).group(1)
+    assert tuple(re.findall(r"`([a-z_]+)`", codes)) == ERROR_CODES
+    assert ROLES == ("customer", "staff", "auditor")
+    assert {Status.PLACED, Status.APPROVED, Status.SHIPPED, Status.DELIVERED, Status.CANCELLED} == \
+        {"placed", "approved", "shipped", "delivered", "cancelled"}
+

@@ -1,4 +1,4 @@
-"""The live feed over real sockets (PROTOCOL.md sections 2 and 3): subscribed/live/prev, resync,
+"""The live feed over real sockets (docs/protocol.md sections 2 and 3): subscribed/live/prev, resync,
 replacing and refused subscriptions, channel rules and isolation between customers, resume
 after abrupt disconnects (a hypothesis property), and a stalled subscriber.
 """

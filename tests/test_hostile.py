@@ -4,7 +4,7 @@ server while a well-behaved client works next to it.
 The hostile client speaks WebSocket by hand (`RawWS`, frames built byte by byte), so it can send
 what no library would: invalid UTF-8 in a text frame, fragments with pings between them,
 unmasked frames, reserved bits, oversized control frames, continuation frames out of nowhere,
-10 MB frames and floods of pings. Each frame has its expected answer from PROTOCOL.md (an
+10 MB frames and floods of pings. Each frame has its expected answer from docs/protocol.md (an
 `error` with its code, then the connection still answers a ping; or a close code), and after the
 run the server is alive, logged no traceback, exits 0 on SIGTERM, and the good client saw no
 error and no latency beyond noise.
@@ -186,7 +186,7 @@ def text(message: Any) -> bytes:
 
 
 def _oracle(value: Any) -> tuple:
-    """What PROTOCOL.md says a text frame holding this JSON value gets."""
+    """What docs/protocol.md says a text frame holding this JSON value gets."""
     if not isinstance(value, dict):
         return ("error", "bad_request")
     if "id" in value and not (isinstance(value["id"], str) and 1 <= len(value["id"]) <= 64):

@@ -6,7 +6,7 @@ is exactly its own orders' events; its `inventory` feed is every stock move, wit
 `data.order_id` left out of the moves of other customers' orders; and `get`, `subscribe
 order:<id>` and every command on another customer's order answer word for word as for an id
 nobody used (only the id in the message differs), except `place_order`, which answers the
-same `conflict` for every used id (PROTOCOL.md section 4).
+same `conflict` for every used id (docs/protocol.md section 4).
 
 The server runs in-process in a thread (its own trio loop) with a tiny feed window, so that a
 replay from `since` reads SQLite while live delivery reads the window; each example uses new

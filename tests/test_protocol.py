@@ -1,4 +1,4 @@
-"""Requests and replies of the live service (PROTOCOL.md sections 2 and 4) over real sockets:
+"""Requests and replies of the live service (docs/protocol.md sections 2 and 4) over real sockets:
 malformed frames, error codes and their precedence, commands and acks, get, query and paging,
 idempotency, rate limiting and shutdown.
 """
@@ -646,7 +646,7 @@ async def test_lone_surrogate_in_command_data_is_bad_request_and_spares_other_co
 
 
 async def test_get_order_and_stock_shapes(server):
-    """`get` answers the order and stock shapes of PROTOCOL.md section 4, or not_found."""
+    """`get` answers the order and stock shapes of docs/protocol.md section 4, or not_found."""
     url, _, _ = server
     async with session(url, "staff-1", "staff") as staff, session(url, "alice") as alice:
         await staff.ok("add_stock", data={"sku": "kibble", "quantity": 10, "name": "Kibble 5 kg"})

@@ -1,4 +1,4 @@
-"""The hand-built send path (orderlog/wsfast.py) against wsproto's own parser and real sockets."""
+"""The hand-built send path (orderlog/service/sockets.py) against wsproto's own parser and real sockets."""
 
 
 import trio

@@ -119,7 +119,7 @@ def file_bytes(store: Store) -> tuple[bytes, bytes]:
 
 
 def canonical_hash(prev: bytes, event: Event) -> str:
-    """PROTOCOL.md section 5, computed here independently of the store's event_hash."""
+    """docs/protocol.md section 5, computed here independently of the store's event_hash."""
     body = {"seq": event.seq, "stream": event.stream, "version": event.version, "type": event.type,
             "at": event.at, "actor": event.actor, "command_id": event.command_id, "data": event.data}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,4 +1,4 @@
-"""The fast receive path: orderlog/wsrecv.py's splitter against wsproto, and the live server fed
+"""The fast receive path: orderlog/wire.py's splitter against wsproto, and the live server fed
 frames by hand (pipelined, fragmented, binary, control, close, oversized, invalid UTF-8, an
 auth message with requests right behind it).
 

@@ -12,7 +12,7 @@ A key is the flag's name without the dashes, with underscores (`--max-message-si
 this file, the defaults. Relative paths in the file are relative to the file's directory.
 
 This module only reads and type-checks the file (pure apart from the one read); the value
-rules (port range, durations, ...) are the flags' own, applied by `cli_service`.
+rules (port range, durations, ...) are the flags' own, applied by `cli.service`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The service's subcommands: `serve`, `token` and `tail`, registered into the main CLI.
 
 Settings come from flags, then `ORDERLOG_*` environment variables, then the settings file
-(`--config FILE`, see `config`), then the defaults in `server.Settings`. Errors in them are one
+(`--config FILE`, see `config`), then the defaults in `service.settings.Settings`. Errors in them are one
 line and exit code 2.
 """
 

@@ -37,7 +37,7 @@ EVENT_BUFFER = 1000  # events buffered per subscription before the reader waits 
 
 
 class OrderlogError(Exception):
-    """An `error` reply: `code` is the PROTOCOL.md error code."""
+    """An `error` reply: `code` is its error code (`domain.ErrorCode`, docs/protocol.md section 2)."""
 
     def __init__(self, code: str, message: str, details: dict | None = None):
         super().__init__(f"{code}: {message}")

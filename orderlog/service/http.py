@@ -2,7 +2,7 @@
 
 Each TCP connection's request head is read with h11 (bounded in size and time, so slow or
 oversized handshakes are dropped). A WebSocket upgrade is handed to trio-websocket together
-with the bytes already read (`PrefixedStream`); anything else gets a small HTTP/1.1 answer:
+with the bytes already read (`sockets.WriterStream` replays them); anything else gets a small HTTP/1.1 answer:
 `/healthz`, `/metrics`, the dashboard and the browser client, or 404 / 405 / 426.
 """
 
@@ -27,38 +27,6 @@ STATIC_TYPES = {
 # Public paths of the files in orderlog/static/.
 STATIC_ROUTES = {"/": "dashboard.html", "/dashboard": "dashboard.html", "/orderlog.js": "orderlog.js",
                  "/dashboard.js": "dashboard.js", "/dashboard.css": "dashboard.css"}
-
-
-class PrefixedStream(trio.abc.HalfCloseableStream):
-    """A stream that first returns `prefix`, then whatever `stream` receives."""
-
-    def __init__(self, stream: trio.abc.HalfCloseableStream, prefix: bytes):
-        self.stream = stream
-        self._prefix = prefix
-
-    @property
-    def socket(self):  # what trio-websocket uses to name the endpoints
-        return self.stream.socket
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:size], self._prefix[size:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 @attrs.frozen

@@ -1,7 +1,7 @@
 """The auditor's checks: the hash chain, seq and version continuity, projections == fold.
 
 Theory of operation. `check_chain` is pure: it walks events in seq order and recomputes
-what PROTOCOL.md section 5 promises (seq 1, 2, 3 ... without gaps; per-stream versions 1,
+what docs/protocol.md section 5 promises (seq 1, 2, 3 ... without gaps; per-stream versions 1,
 2, 3 ...; `hash = sha256(prev_hash + canonical(event))` with 32 zero bytes before seq 1)
 and stops at the FIRST event that breaks a promise, naming its seq and what is wrong.
 `compare_projections` is pure too: it names the first order or sku whose stored projection
