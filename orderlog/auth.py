@@ -1,4 +1,4 @@
-"""Tokens and permissions: `verify(token, keys, now) -> Claims`, `can_read(principal, ...)`.
+"""Tokens and permissions: `verify(token, keys, now) -> Claims`, `can_query(principal)`.
 
 Pure: the clock comes in as `now` (seconds since the epoch). Tokens are verified with PyJWT
 against ONE configured algorithm; `alg: none` and every other algorithm are refused. Nothing
