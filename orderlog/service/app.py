@@ -56,6 +56,7 @@ EXTERNAL_POLL = 1.0  # seconds between looks for events written by another proce
 SWEEP_PERIOD = 0.25  # seconds between checks of pings and token expiry
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn
+DRAIN_POLL = 0.005  # seconds between looks while shutting down
 
 
 class Service:
@@ -303,10 +304,29 @@ class Service:
                 scope.shield = True
                 await ws.aclose()
 
+    def commands_in_flight(self) -> int:
+        """Commands handed to the writer (or on their way) whose ack or error is not sent yet."""
+        return sum(connection.inflight for connection in self.connections)
+
+    async def drain_commands(self) -> None:
+        """Wait until every command received so far is committed and answered (or the writer
+        has stopped): on shutdown, the acks of the last batch go out before the close."""
+        while self.writer_alive and self.commands_in_flight():
+            await trio.sleep(DRAIN_POLL)
+
     async def close_all(self, code: int, reason: str) -> None:
+        """Close every connection with `code` and wait until they have ended.
+
+        Each close runs inside its connection, which ends only after the peer's close frame
+        (or CLOSE_TIMEOUT): closing the socket while the peer still sends would reset it, and
+        the peer would lose the replies it had not read yet.
+        """
         async with trio.open_nursery() as nursery:
             for connection in list(self.connections):
-                nursery.start_soon(connection.close, code, reason)
+                if not connection.close_soon(code, reason):
+                    nursery.start_soon(connection.close, code, reason)
+            while self.connections:
+                await trio.sleep(DRAIN_POLL)
 
     def close(self) -> None:
         self.readers.close()

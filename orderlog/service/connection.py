@@ -218,12 +218,15 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    def close_soon(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str) -> bool:
+        """Close from within this connection's nursery; False if it has none (yet or any more)."""
         if self._nursery is not None:
             try:
                 self._nursery.start_soon(self.close, code, reason)
+                return True
             except RuntimeError:  # already ended
                 pass
+        return False
 
     # sending replies ------------------------------------------------------------------
 
@@ -335,6 +338,9 @@ class Connection:
             try:
                 validate(request.command)
                 authorize(request.command, principal)
+                if service.stopping:  # the writer only finishes what it holds; the close follows
+                    raise Rejected("unavailable", "the server is shutting down; the command was not applied, "
+                                   "send it again once it is back")
             except Rejected as exc:
                 service.metrics.command(request.command.name, exc.code)
                 raise protocol.ClientError(exc.code, exc.message, request.id, exc.details) from None

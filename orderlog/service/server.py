@@ -15,7 +15,10 @@ from .settings import Settings
 
 log = logging.getLogger("orderlog")
 
-
+# Shutdown stays within 10 s (PROTOCOL.md): answering the commands received, then the closes,
+# then the writer's last turn (3 s).
+DRAIN_TIMEOUT = 2.0
+CLOSE_ALL_TIMEOUT = 4.0
 
 # -- running the server ------------------------------------------------------------------------
 
@@ -68,10 +71,13 @@ async def _serve(service: Service, stop: trio.Event, handle_signals: bool, task_
                      settings.db)
             task_status.started(url)
             await stop.wait()
-            # Stop accepting, close every connection with 1001, then let the writer finish.
+            # Stop accepting connections and commands, let the writer commit and answer what it
+            # holds, close every connection with 1001, then let the writer finish.
             service.stopping = True
             listen_scope.cancel()
-            with trio.move_on_after(5):
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                await service.drain_commands()
+            with trio.move_on_after(CLOSE_ALL_TIMEOUT):
                 await service.close_all(GOING_AWAY, "server shutting down")
             connections.cancel_scope.cancel()
         await service._send_commands.aclose()
