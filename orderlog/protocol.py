@@ -125,9 +125,10 @@ def parse_request(text: str | bytes) -> ClientRequest:
     """Parse one client frame into a typed request; raise ClientError with the code to send."""
     message = parse_json_object(text)
     request_id = message.get("id")
-    if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX
-                            or not _encodable(request_id)):
+    if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX):
         raise ClientError(ErrorCode.BAD_REQUEST, f"id must be a string of 1..{REQUEST_ID_MAX} characters")
+    if "id" in message and not _encodable(request_id):
+        raise ClientError(ErrorCode.BAD_REQUEST, "id must be valid Unicode (no lone surrogate escapes such as \\ud800)")
     # A \uD800-style escape can smuggle a lone surrogate into a string, which no reply could
     # carry back as UTF-8: refuse it here, once, instead of failing later.
     if isinstance(text, str) and ("\\ud" in text or "\\uD" in text) and not _encodable(message):

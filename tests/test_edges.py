@@ -7,13 +7,18 @@ talks to it over real sockets or through its exit code and stderr.
 from __future__ import annotations
 
 import json
+import socket
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from conftest import cli_env
+from orderlog import protocol
+from orderlog.client import tail
 from orderlog.store import Store
 from test_crash import ServerProcess
-from wsclient import connect, decode, recv_json, token
+from wsclient import connect, decode, recv_json, running_server, session, token
 
 BURST = 3000  # commands one client pipelines while the server is told to stop
 
@@ -76,3 +81,124 @@ async def test_sigterm_sends_the_acks_of_every_committed_command_before_1001(tmp
     assert not missing, f"{len(missing)} committed commands got no ack before the close, e.g. {sorted(missing)[:5]}"
     assert set(refused.values()) <= {"unavailable"}, refused
     assert not set(refused) & committed
+
+
+# -- the command line: --db where the README says, strict log levels and sync modes ------------
+
+
+def test_tail_and_bench_refuse_db_with_a_pointer(cli, tmp_path):
+    """`tail --db` and `bench --db` exit 2 saying what to use instead (the README lists who takes --db)."""
+    tail = cli("tail", "--db", "x.db", "--token", "t")
+    assert tail.returncode == 2
+    assert tail.stderr.strip() == ("orderlog: error: tail reads a running server's feed (--url), not a database "
+                                   "file: for the file itself, use `orderlog events --db x.db`")
+    bench = cli("bench", "commands", "--db", "x.db")
+    assert bench.returncode == 2
+    assert "bench starts its own servers" in bench.stderr and "it takes no --db" in bench.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("args, env, conf, message", [
+    (["--log-level", "verbose"], {}, "", "argument --log-level: must be DEBUG, INFO, WARNING or ERROR, not 'verbose'"),
+    ([], {"ORDERLOG_LOG_LEVEL": "trace"}, "", "ORDERLOG_LOG_LEVEL='trace': must be DEBUG, INFO, WARNING or ERROR"),
+    ([], {}, 'log_level = "TRACE"\n', '{conf}: log_level = "TRACE": must be DEBUG, INFO, WARNING or ERROR'),
+    (["--synchronous", "sometimes"], {}, "", "argument --synchronous: must be FULL, NORMAL, OFF or EXTRA"),
+    ([], {"ORDERLOG_SYNCHRONOUS": "fast"}, "", "ORDERLOG_SYNCHRONOUS='fast': must be FULL, NORMAL, OFF or EXTRA"),
+    ([], {}, 'synchronous = "FAST"\n', '{conf}: synchronous = "FAST": must be FULL, NORMAL, OFF or EXTRA'),
+])
+def test_bad_log_level_or_synchronous_exits_2_naming_where(cli, tmp_path, args, env, conf, message):
+    """A log level or synchronous mode outside the documented ones exits 2, naming the flag, variable or file key."""
+    path = tmp_path / "orderlog.toml"
+    path.write_text(conf)
+    for extra in ([], ["--print-config"]):
+        done = cli("serve", "--config", path, "--port", "0", *args, *extra, env=cli_env(**env), timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert message.format(conf=path) in done.stderr
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("orderlog.db*"))
+
+
+def test_documented_log_levels_and_sync_modes_are_accepted_in_any_case(cli, tmp_path):
+    """EXTRA and lower-case values are accepted and shown upper-case by --print-config."""
+    done = cli("serve", "--synchronous", "extra", "--log-level", "warning", "--print-config")
+    assert done.returncode == 0, done.stderr
+    assert 'synchronous      = "EXTRA"' in done.stdout and 'log_level        = "WARNING"' in done.stdout
+
+
+# -- error messages -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conf, message", [
+    ('tls_cert = "cert.pem"\n', "{conf}: tls_cert is set without tls_key"),
+    ('tls_key = "key.pem"\n', "{conf}: tls_key is set without tls_cert"),
+    ('tls_cert = "nope.pem"\ntls_key = "key.pem"\n', "{conf}: tls_cert: {dir}/nope.pem: no such file"),
+    ('jwt_algorithm = "HS512"\n', "{conf}: jwt_algorithm must be one of HS256, RS256, ES256, not 'HS512'"),
+    ('jwt_public_key = "key.pem"\n', "{conf}: jwt_public_key goes with jwt_algorithm RS256 or ES256"),
+    ('jwt_algorithm = "RS256"\n', "{conf}: jwt_algorithm RS256 needs jwt_public_key FILE"),
+    ('jwt_algorithm = "RS256"\njwt_public_key = "cert.pem"\n', "{conf}: jwt_public_key {dir}/cert.pem: not a PEM"),
+])
+def test_settings_file_errors_name_the_file_and_key(cli, tmp_path, conf, message):
+    """An inconsistent settings file exits 2 naming the file and its key, not a flag the user never typed."""
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    path = tmp_path / "orderlog.toml"
+    path.write_text(conf)
+    done = cli("serve", "--config", path, "--port", "0", timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert message.format(conf=path, dir=tmp_path) in done.stderr, done.stderr
+    assert "--tls" not in done.stderr and "--jwt" not in done.stderr
+
+
+def test_flag_errors_still_name_the_flags(cli, tmp_path):
+    """The same mistake made with flags names the flags."""
+    (tmp_path / "cert.pem").write_text("x")
+    done = cli("serve", "--tls-cert", "cert.pem", "--port", "0", timeout=30)
+    assert done.returncode == 2
+    assert "orderlog: error: --tls-cert is set without --tls-key" in done.stderr
+
+
+def test_serve_on_a_bad_database_creates_no_secret(cli, tmp_path):
+    """`serve` on a file that is not an orderlog exits 2 and leaves no `X.db.secret` behind."""
+    (tmp_path / "notes.db").write_text("shopping list\n")
+    done = cli("serve", "--db", "notes.db", "--port", "0", timeout=30)
+    assert done.returncode == 2
+    assert "orderlog: error: notes.db: not a SQLite database" in done.stderr
+    assert not (tmp_path / "notes.db.secret").exists()
+    assert (tmp_path / "notes.db").read_text() == "shopping list\n"
+
+
+async def test_cannot_connect_always_says_why():
+    """With no server at the address, the client's and `tail`'s `cannot connect:` line carries the reason."""
+    with socket.socket() as holder:  # a port that was free a moment ago: nothing listens there
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+    notes: list[str] = []
+    with trio.move_on_after(0.5):
+        await tail(f"ws://127.0.0.1:{port}/v1/ws", "t", "orders", None, notes.append, notes.append)
+    failures = [n for n in notes if n.startswith("cannot connect:")]
+    assert failures, notes
+    assert failures[0] == f"cannot connect: all attempts to connect to 127.0.0.1:{port} failed (Connection refused)"
+
+
+def test_a_lone_surrogate_in_id_says_so():
+    """An `id` holding a lone surrogate escape is refused for that, not for its length."""
+    with pytest.raises(protocol.ClientError) as raised:
+        protocol.parse_request('{"type":"ping","id":"a\\ud800"}')
+    assert raised.value.code == "bad_request"
+    assert raised.value.message == "id must be valid Unicode (no lone surrogate escapes such as \\ud800)"
+
+
+# -- the rate limit's burst follows the rate ---------------------------------------------------
+
+
+async def test_the_burst_follows_the_rate_limit(tmp_path):
+    """With rate_limit 5 a connection gets two seconds' worth (10 commands) at once, not 1,000."""
+    async with running_server(tmp_path, rate_limit=5.0) as (url, _, _):
+        async with session(url, "s1", "staff") as staff:
+            for i in range(40):
+                await staff.send({"type": "command", "id": f"b-{i}", "name": "add_stock",
+                                  "data": {"sku": "kibble", "quantity": 1}})
+            replies = [await staff.recv() for _ in range(40)]
+    acked = [r for r in replies if r["type"] == "ack"]
+    limited = [r for r in replies if r["type"] == "error" and r["code"] == "rate_limited"]
+    assert 10 <= len(acked) <= 12 and len(acked) + len(limited) == 40, replies

@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench(argv: list[str]) -> int:
     """`orderlog bench`: the load generator is a separate package (orderlog_bench), outside the
     product's import graph, loaded only for this subcommand."""
+    if any(arg == "--db" or arg.startswith("--db=") for arg in argv):
+        return _fail("bench starts its own servers on scratch databases (--scratch DIR) or measures a "
+                     "running one (--url); it takes no --db")
     try:
         bench = importlib.import_module("orderlog_bench")
     except ImportError:

@@ -22,7 +22,7 @@ from ..auth import ALGORITHMS, Keys
 from ..domain import Role
 from ..service import gcpolicy
 from ..service.settings import Settings
-from ..store import StoreError
+from ..store import Store, StoreError
 from . import DEFAULT_DB, UsageError, config
 
 SECRET_SUFFIX = ".secret"  # the generated HS256 secret lives next to the database
@@ -68,6 +68,41 @@ _positive_int = _number("positive_int", int, 1, float("inf"), "must be a whole n
 _positive_float = _number("positive_float", float, 5e-324, float("inf"), "must be a number > 0")
 _seq = _number("seq", int, 0, float("inf"), "a seq is a whole number >= 0")
 _port = _number("port", int, 0, 65535, "must be a port number from 0 to 65535")
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF", "EXTRA")  # SQLite's PRAGMA synchronous
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _one_of(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser of one of `choices` (any case), whose ValueError lists them."""
+
+    def parse(text: str) -> str:
+        value = str(text).strip().upper()
+        if value not in choices:
+            raise ValueError(f"must be {', '.join(choices[:-1])} or {choices[-1]}, not {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+_synchronous = _one_of("synchronous", SYNCHRONOUS_MODES)
+_log_level = _one_of("log_level", LOG_LEVELS)
+
+
+def _namer(sources: dict[str, str] | None) -> Callable[[str], str]:
+    """How to name a setting in an error: the flag, the environment variable, or the file and key
+    it came from (`sources` as apply_config returns them)."""
+
+    def name(key: str, like: str | None = None) -> str:
+        source = (sources or {}).get(like or key, "")
+        if source.startswith("file "):
+            return f"{source[5:]}: {key}" if like is None else key
+        if source.startswith("env "):
+            return config.env_name(key)
+        return "--" + key.replace("_", "-")
+
+    return name
 
 
 def _seconds(text: str) -> float:
@@ -137,15 +172,17 @@ def _read_key(path: str, what: str) -> str:
 
 
 def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool,
-                 load_secret: bool = True) -> tuple[Keys, str | None]:
+                 load_secret: bool = True, sources: dict[str, str] | None = None) -> tuple[Keys, str | None]:
     """The token-checking keys from flags/environment; returns (keys, note for the user).
 
     With `load_secret` False, a missing HS256 secret is left as None instead of being read
     from (or created next to) the database: for `--print-config`, which touches no file.
+    Errors name each setting where it came from (`sources`, see apply_config).
     """
+    name = _namer(sources)
     algorithm = _pick(args.jwt_algorithm, "JWT_ALGORITHM", str, "HS256").upper()
     if algorithm not in ALGORITHMS:
-        raise UsageError(f"--jwt-algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+        raise UsageError(f"{name('jwt_algorithm')} must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     audience = _pick(args.jwt_audience, "JWT_AUDIENCE")
     issuer = _pick(args.jwt_issuer, "JWT_ISSUER")
     public_key_file = _pick(args.jwt_public_key, "JWT_PUBLIC_KEY")
@@ -153,7 +190,8 @@ def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool,
     note = None
     if algorithm == "HS256":
         if public_key_file:
-            raise UsageError("--jwt-public-key goes with --jwt-algorithm RS256 or ES256, not HS256")
+            raise UsageError(f"{name('jwt_public_key')} goes with {name('jwt_algorithm', 'jwt_public_key')} "
+                             "RS256 or ES256, not HS256")
         if secret is None and not load_secret:
             return Keys("HS256", None, audience, issuer), None
         if secret is None:
@@ -164,34 +202,39 @@ def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool,
                 "event=secret.short advice='use a secret of at least %d bytes'", MIN_SECRET_BYTES)
         return Keys("HS256", secret, audience, issuer), note
     if secret is not None:
-        raise UsageError(f"--jwt-secret goes with HS256; {algorithm} needs --jwt-public-key FILE")
+        raise UsageError(f"{name('jwt_secret')} goes with HS256; {name('jwt_algorithm')} {algorithm} needs "
+                         f"{name('jwt_public_key', 'jwt_algorithm')} FILE instead")
     if not public_key_file:
-        raise UsageError(f"{algorithm} needs --jwt-public-key FILE (a PEM public key)")
-    pem = _read_key(public_key_file, "--jwt-public-key")
+        raise UsageError(f"{name('jwt_algorithm')} {algorithm} needs {name('jwt_public_key', 'jwt_algorithm')} FILE "
+                         "(a PEM public key)")
+    pem = _read_key(public_key_file, name("jwt_public_key"))
     try:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
         key = load_pem_public_key(pem.encode())
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"--jwt-public-key {public_key_file}: not a PEM public key ({exc})") from None
+        raise UsageError(f"{name('jwt_public_key')} {public_key_file}: not a PEM public key ({exc})") from None
     return Keys(algorithm, key, audience, issuer), None
 
 
-def settings_from(args: argparse.Namespace, load_secret: bool = True) -> tuple[Settings, str | None]:
+def settings_from(args: argparse.Namespace, load_secret: bool = True,
+                  sources: dict[str, str] | None = None) -> tuple[Settings, str | None]:
+    """The server's settings from flags > environment > (file, already applied to `args`) >
+    defaults; UsageError naming the flag, variable or file and key at fault."""
     defaults = Settings()
+    name = _namer(sources)
     db = _pick(args.db, "DB", str, DEFAULT_DB)
-    keys, note = resolve_keys(args, db, create_secret=True, load_secret=load_secret)
+    keys, note = resolve_keys(args, db, create_secret=True, load_secret=load_secret, sources=sources)
     origins = args.allow_origin or [o.strip() for o in (_env("ALLOW_ORIGIN") or "").split(",") if o.strip()]
     tls_cert = _pick(args.tls_cert, "TLS_CERT")
     tls_key = _pick(args.tls_key, "TLS_KEY")
     if bool(tls_cert) != bool(tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    for path in (tls_cert, tls_key):
+        given, missing = ("tls_cert", "tls_key") if tls_cert else ("tls_key", "tls_cert")
+        raise UsageError(f"{name(given)} is set without {name(missing, given)}: the certificate and its key go together")
+    for key, path in (("tls_cert", tls_cert), ("tls_key", tls_key)):
         if path and not os.path.isfile(path):
-            raise UsageError(f"{path}: no such file")
-    synchronous = _pick(args.synchronous, "SYNCHRONOUS", str, defaults.synchronous).upper()
-    if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        raise UsageError("--synchronous must be OFF, NORMAL, FULL or EXTRA")
+            raise UsageError(f"{name(key)}: {path}: no such file")
+    synchronous = _pick(args.synchronous, "SYNCHRONOUS", _synchronous, defaults.synchronous)
     settings = Settings(
         db=db,
         host=_pick(args.host, "HOST", str, defaults.host),
@@ -216,6 +259,7 @@ def settings_from(args: argparse.Namespace, load_secret: bool = True) -> tuple[S
 FILE_CONVERT: dict[str, Callable[[str], Any] | None] = {
     "port": _port, "max_message_size": _positive_int, "max_connections": _positive_int,
     "rate_limit": _positive_float, "auth_timeout": _seconds, "ping_interval": _seconds,
+    "synchronous": _synchronous, "log_level": _log_level,
 }
 TOKEN_FILE_KEYS = ("db", "jwt_secret", "jwt_algorithm", "jwt_audience", "jwt_issuer")
 
@@ -252,9 +296,14 @@ def apply_config(args: argparse.Namespace, keys: tuple[str, ...] | list[str]) ->
     return sources
 
 
+def log_level_from(args: argparse.Namespace) -> str:
+    """--log-level > ORDERLOG_LOG_LEVEL > (file) > INFO, checked."""
+    return _pick(args.log_level, "LOG_LEVEL", _log_level, "INFO")
+
+
 def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
     """`serve --print-config`: the settings `serve` would run with, as TOML, secrets masked."""
-    settings, _ = settings_from(args, load_secret=False)
+    settings, _ = settings_from(args, load_secret=False, sources=sources)
     keys = settings.keys
     secret_note = (f"the secret kept in {secret_path(settings.db)} is used" if keys.algorithm == "HS256"
                    else f"{keys.algorithm} checks tokens with jwt_public_key")
@@ -269,7 +318,7 @@ def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
         "max_message_size": settings.max_message_size, "auth_timeout": settings.auth_timeout,
         "ping_interval": settings.ping_interval, "max_connections": settings.max_connections,
         "rate_limit": settings.rate_limit, "synchronous": settings.synchronous,
-        "log_level": (args.log_level or _env("LOG_LEVEL") or "INFO").upper(),
+        "log_level": log_level_from(args),
     }
     entries = []
     for key in config.KEYS:
@@ -294,8 +343,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(effective_config(args, sources))
         return 0
-    settings, note = settings_from(args)
-    _setup_logging(args.log_level)
+    level = log_level_from(args)
+    # Check every setting, then the database, and only then create the secret next to it: a
+    # file that is not an orderlog must not leave an `X.db.secret` behind.
+    settings, _ = settings_from(args, load_secret=False, sources=sources)
+    _check_database(settings)
+    settings, note = settings_from(args, sources=sources)
+    _setup_logging(level)
     logger = logging.getLogger("orderlog")
     if note:
         logger.info("event=secret note=%r", note)
@@ -328,6 +382,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_database(settings: Settings) -> None:
+    """Open (creating or migrating) the database as the server will, then close it; UsageError
+    with the store's one-line reason if it cannot be."""
+    try:
+        Store.open(settings.db, create=True, synchronous=settings.synchronous).close()
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _first_leaf(exc: BaseException) -> BaseException:
     """The first non-group exception inside (possibly nested) exception groups."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -341,9 +404,8 @@ def _http_url(ws_url: str) -> str:
     return ("https" if scheme == "wss" else "http") + "://" + rest.split("/", 1)[0] + "/"
 
 
-def _setup_logging(level: str | None) -> None:
-    level = (level or _env("LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     # trio-websocket logs every frame at DEBUG and handshake noise at INFO; keep ours.
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
@@ -353,11 +415,12 @@ def _setup_logging(level: str | None) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    apply_config(args, TOKEN_FILE_KEYS)
+    sources = apply_config(args, TOKEN_FILE_KEYS)
     db = _pick(args.db, "DB", str, DEFAULT_DB)
     algorithm = _pick(args.jwt_algorithm, "JWT_ALGORITHM", str, "HS256").upper()
     if algorithm not in ALGORITHMS:
-        raise UsageError(f"--jwt-algorithm must be one of {', '.join(ALGORITHMS)}")
+        raise UsageError(f"{_namer(sources)('jwt_algorithm')} must be one of {', '.join(ALGORITHMS)}, "
+                         f"not {algorithm!r}")
     if algorithm == "HS256":
         key = _pick(args.jwt_secret, "JWT_SECRET")
         if key is None:
@@ -383,6 +446,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     from ..client import tail
 
+    if args.db is not None:
+        raise UsageError("tail reads a running server's feed (--url), not a database file: "
+                         f"for the file itself, use `orderlog events --db {args.db}`")
     token = args.token or _env("TOKEN")
     if not token:
         raise UsageError("tail needs --token (or ORDERLOG_TOKEN)")
@@ -445,9 +511,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                        help="handshakes beyond this get HTTP 503 (default 10000)")
     serve.add_argument("--rate-limit", type=_arg(_positive_float), metavar="PER_SECOND",
                        help="commands per second per connection before `rate_limited` (default 500)")
-    serve.add_argument("--synchronous", help="SQLite synchronous mode: FULL (default, durable on power loss), "
-                       "NORMAL, OFF")
-    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    serve.add_argument("--synchronous", type=_arg(_synchronous), help="SQLite synchronous mode: FULL (default, "
+                       "durable on power loss), NORMAL, OFF or EXTRA (env ORDERLOG_SYNCHRONOUS)")
+    serve.add_argument("--log-level", type=_arg(_log_level), help="DEBUG, INFO (default), WARNING or ERROR "
+                       "(env ORDERLOG_LOG_LEVEL)")
     serve.add_argument("--config", metavar="FILE", help="TOML settings file, one key per flag (max_message_size = "
                        "65536, ...); flags and ORDERLOG_* variables win over it (env ORDERLOG_CONFIG)")
     serve.add_argument("--print-config", action="store_true",
@@ -480,6 +547,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     tail.add_argument("--since", type=_arg(_seq), metavar="SEQ",
                       help="replay events after this seq first (default: live only)")
     tail.add_argument("--count", type=_arg(_positive_int), metavar="N", help="exit after N events")
+    tail.add_argument("--db", help=argparse.SUPPRESS)  # refused with a pointer to `events`
     tail.set_defaults(func=cmd_tail)
 
     subparsers.add_parser(

@@ -206,7 +206,7 @@ class Client:
                     raise self.fatal from None
                 self.on_status(f"disconnected ({reason.code if reason else 'no close frame'})")
             except (OSError, HandshakeError, ConnectionRejected, trio.BrokenResourceError) as exc:
-                self.on_status(f"cannot connect: {exc}")
+                self.on_status(f"cannot connect: {why(exc)}")
             finally:
                 self._ws = None
             if connected_at is not None and trio.current_time() - connected_at >= STABLE_AFTER:
@@ -294,6 +294,29 @@ async def connect(url: str, token: str | Callable[[], str], **options: Any) -> A
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single(group)
+
+
+def why(exc: BaseException) -> str:
+    """A failed connect's reason, never empty: trio-websocket raises an empty HandshakeError whose
+    cause (an OSError, itself caused by a group of one error per address) says what happened."""
+    messages: list[str] = []
+    strerror = None
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, BaseExceptionGroup) and error.exceptions:
+            error = error.exceptions[0]
+            continue
+        if str(error):
+            messages.append(str(error))
+        if isinstance(error, OSError) and error.strerror and strerror is None:
+            strerror = error.strerror.rsplit(": ", 1)[-1]  # trio's: "Error connecting to (...): Connection refused"
+        error = error.__cause__ or error.__context__
+    text = messages[0] if messages else type(exc).__name__
+    if strerror and strerror not in text:
+        text = f"{text} ({strerror})"
+    return text
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:

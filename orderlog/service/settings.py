@@ -25,7 +25,9 @@ class Settings:
     max_connections: int = 10_000
     max_subscriptions: int = 16  # per connection
     rate_limit: float = 500.0  # commands per second per connection (token bucket)
-    rate_burst: int = 1000
+    # commands a connection may send at once: two seconds' worth of the rate, at least 1
+    rate_burst: float = attrs.field(default=attrs.Factory(lambda self: max(1.0, 2 * self.rate_limit),
+                                                          takes_self=True))
     handshake_timeout: float = 10.0  # slow handshakes are dropped after this
     synchronous: str = "FULL"
     window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
