@@ -7,6 +7,7 @@ again on the same port and database while the page stays open. Orders are placed
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -49,8 +50,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m orderlog.cli serve` on a fixed port, started and stopped by the test."""
 
-    def __init__(self, db: Path, port: int):
-        self.db, self.port = db, port
+    def __init__(self, db: Path, port: int, *extra: str):
+        self.db, self.port, self.extra = db, port, extra
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
 
@@ -61,7 +62,7 @@ class ServerProcess:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orderlog.cli", "serve", "--db", str(self.db), "--port", str(self.port),
-             "--jwt-secret", SECRET],
+             "--jwt-secret", SECRET, *self.extra],
             env=cli_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, cwd=self.db.parent,
         )
@@ -222,5 +223,75 @@ def test_dashboard_refused_token_shows_sign_in(tmp_path: Path, browser) -> None:
         expect(page.locator("#sign-in-error")).to_contain_text("invalid token")
         expect(page.locator("#sign-in")).to_be_visible()
         assert page.evaluate("sessionStorage.getItem('orderlog.token')") is None
+    finally:
+        server.stop()
+
+
+def test_orderlog_js_sends_the_token_in_an_auth_message_not_the_url(tmp_path: Path, browser) -> None:
+    """orderlog.js (and so the dashboard) puts the token in a first `auth` message, never in the WebSocket URL; `tokenInUrl` keeps `?token=` as an option."""
+    from playwright.sync_api import expect
+
+    server = ServerProcess(tmp_path / "orderlog.db", free_port())
+    server.start()
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT)
+        sockets: list[dict] = []
+
+        def opened(ws) -> None:
+            seen = {"url": ws.url, "sent": []}
+            sockets.append(seen)
+            ws.on("framesent", lambda payload: seen["sent"].append(payload))
+
+        page.on("websocket", opened)
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        staff_token = token("s1", "staff")
+        page.fill("#token", staff_token)
+        page.click("#sign-in-form button[type=submit]")
+        expect(page.locator("#connection-text")).to_have_text("connected")
+        assert sockets and all(staff_token not in s["url"] and "token=" not in s["url"] for s in sockets), sockets
+        assert json.loads(sockets[0]["sent"][0]) == {"type": "auth", "token": staff_token}
+
+        # The option: the token in the query string, for whoever needs it there.
+        welcome = page.evaluate("""async ([url, token]) => {
+            const { OrderlogClient } = await import("/orderlog.js");
+            const client = new OrderlogClient(url, token, { tokenInUrl: true });
+            const welcome = await new Promise((resolve) => {
+              client.addEventListener("welcome", (e) => resolve(e.detail));
+              client.start();
+            });
+            client.close();
+            return welcome;
+        }""", [server.url, token("s2", "auditor")])
+        assert welcome["user"] == "s2"
+        assert any("token=" in s["url"] and not s["sent"] for s in sockets), sockets
+        assert not any(staff_token in line for line in console)
+    finally:
+        server.stop()
+
+
+def test_dashboard_on_a_refused_origin_says_how_to_allow_it(tmp_path: Path, browser) -> None:
+    """Behind --allow-origin without its own origin, the dashboard shows the origin to add instead of only cycling "reconnecting"."""
+    from playwright.sync_api import expect
+
+    port = free_port()
+    server = ServerProcess(tmp_path / "orderlog.db", port, "--allow-origin", "https://shop.example")
+    server.start()
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT)
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        page.goto(f"http://127.0.0.1:{port}/")
+        staff_token = token("s1", "staff")
+        page.fill("#token", staff_token)
+        page.click("#sign-in-form button[type=submit]")
+        hint = page.locator("#hint")
+        expect(hint).to_be_visible()
+        expect(hint).to_contain_text(f"--allow-origin http://127.0.0.1:{port}")
+        expect(page.locator("#connection-text")).to_contain_text("reconnecting in")
+        assert not any(staff_token in line for line in console), console
     finally:
         server.stop()

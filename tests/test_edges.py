@@ -18,6 +18,7 @@ from orderlog import protocol
 from orderlog.client import tail
 from orderlog.store import Store
 from test_crash import ServerProcess
+from test_http import http_get
 from wsclient import connect, decode, recv_json, running_server, session, token
 
 BURST = 3000  # commands one client pipelines while the server is told to stop
@@ -202,3 +203,13 @@ async def test_the_burst_follows_the_rate_limit(tmp_path):
     acked = [r for r in replies if r["type"] == "ack"]
     limited = [r for r in replies if r["type"] == "error" and r["code"] == "rate_limited"]
     assert 10 <= len(acked) <= 12 and len(acked) + len(limited) == 40, replies
+
+
+async def test_the_endpoint_over_plain_http_tells_a_refused_origin(tmp_path):
+    """Plain HTTP to /v1/ws answers 403 for an Origin the handshake would refuse (what the dashboard asks), else 426."""
+    async with running_server(tmp_path, allow_origins=("https://shop.example",)) as (url, _, _):
+        refused, _, body = await http_get(url, "/v1/ws", {"Origin": "http://127.0.0.1:1"})
+        allowed, _, _ = await http_get(url, "/v1/ws", {"Origin": "https://shop.example"})
+        bare, _, _ = await http_get(url, "/v1/ws")
+    assert (refused, body) == (403, b"origin not allowed\n")
+    assert allowed == bare == 426

@@ -57,6 +57,7 @@ SWEEP_PERIOD = 0.25  # seconds between checks of pings and token expiry
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn
 DRAIN_POLL = 0.005  # seconds between looks while shutting down
+ORIGIN_REFUSED = b"origin not allowed\n"
 
 
 class Service:
@@ -247,7 +248,14 @@ class Service:
                     await stream.send_all(http.response(exc.status, f"{exc}\n".encode()))
                     request_head = None
                 if request_head is not None and not request_head.is_websocket:
-                    await stream.send_all(await http.answer_http(request_head, self.routes, WS_PATH))
+                    if (urlsplit(request_head.target).path == WS_PATH and
+                            self.origin_refused(request_head.headers.get("origin"))):
+                        # Same answer as the handshake gets: a page can learn (with a POST, which
+                        # carries its Origin) why its WebSocket never opens; browsers hide the 403.
+                        answer = http.response(403, ORIGIN_REFUSED)
+                    else:
+                        answer = await http.answer_http(request_head, self.routes, WS_PATH)
+                    await stream.send_all(answer)
                     request_head = None
             if request_head is None:
                 return
@@ -279,9 +287,9 @@ class Service:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         origin = headers.get("origin")
-        if self.settings.allow_origins and origin is not None and origin not in self.settings.allow_origins:
+        if self.origin_refused(origin):
             log.info("event=handshake.rejected status=403 reason=origin origin=%r", origin[:200])
-            await request.reject(403, body=b"origin not allowed\n")
+            await request.reject(403, body=ORIGIN_REFUSED)
             return
         if self.stopping or len(self.connections) >= self.settings.max_connections:
             await request.reject(503, body=b"server busy: too many connections\n")
@@ -313,6 +321,11 @@ class Service:
         has stopped): on shutdown, the acks of the last batch go out before the close."""
         while self.writer_alive and self.commands_in_flight():
             await trio.sleep(DRAIN_POLL)
+
+    def origin_refused(self, origin: str | None) -> bool:
+        """A browser page from an origin not on the allow-list (no Origin header: not a browser)."""
+        allowed = self.settings.allow_origins
+        return bool(allowed) and origin is not None and origin not in allowed
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every connection with `code` and wait until they have ended.

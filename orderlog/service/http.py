@@ -76,7 +76,7 @@ async def read_request_head(stream: trio.abc.Stream) -> RequestHead | None:
 def response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
              extra: list[tuple[str, str]] | None = None) -> bytes:
     """A complete HTTP/1.1 response that closes the connection."""
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
+    reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
               431: "Request Header Fields Too Large", 503: "Service Unavailable"}.get(status, "Error")
     lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
              "Connection: close", "Cache-Control: no-store", "X-Content-Type-Options: nosniff"]

@@ -184,6 +184,8 @@ function showStatus(status) {
   const box = $("connection");
   clearInterval(countdown);
   countdown = null;
+  if (status.state === "reconnecting" && !status.opened) checkOrigin();
+  if (status.state === "connected" || status.state === "closed") $("hint").hidden = true;
   if (status.state === "resumed" && status.channel !== "orders") return;
   box.dataset.state = status.state;
   $("retry").hidden = status.state !== "reconnecting";
@@ -201,6 +203,27 @@ function showStatus(status) {
     showSignIn(`The server refused the token: ${status.reason}.`);
   } else {
     text.textContent = status.text;
+  }
+}
+
+// A WebSocket the server refuses (HTTP 403 for an Origin not on its allow_origin list) only
+// shows the page a close with no reason. Ask the endpoint over plain HTTP: a POST carries this
+// page's Origin, and the server answers 403 when it would refuse it.
+async function checkOrigin() {
+  let refused = false;
+  try {
+    const url = defaultUrl().replace(/^ws/, "http");
+    refused = (await fetch(url, { method: "POST", cache: "no-store" })).status === 403;
+  } catch {
+    return; // the server is down: the countdown says enough
+  }
+  const hint = $("hint");
+  hint.hidden = !refused;
+  if (refused) {
+    const origin = escape(location.origin);
+    hint.innerHTML = `The server refuses connections from this page's origin, <code>${origin}</code>: it is not on the
+      server's <code>allow_origin</code> list. Add it (<code>--allow-origin ${origin}</code>, or
+      <code>allow_origin</code> in the settings file) and restart the server; this page keeps retrying.`;
   }
 }
 

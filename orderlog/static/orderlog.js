@@ -10,14 +10,20 @@
  *   const ack = await client.command("place_order", { orderId: "o-1", data: { items: [{ sku: "kibble", quantity: 1 }] } });
  *
  * It behaves like the Python client (orderlog/client.py): it reconnects on its own with
- * exponential backoff and jitter (1 s doubling, capped at 30 s, reset after a connection that
- * stayed up), resubscribes every channel after the last seq it delivered together with the
+ * exponential backoff and jitter (the n-th wait in a row is drawn between half and all of
+ * min(30 s, 1 s x 2^(n-1)): 0.5-1 s, 1-2 s, 2-4 s ... 15-30 s; it starts over after a
+ * connection that stayed up 10 s), resubscribes every channel after the last seq it delivered together with the
  * welcome's log_id, drops duplicates (seq <= last), resubscribes from the last seq when an
  * event's `prev` shows a hole, and resends unacknowledged requests with the same id, so a
  * command is applied at most once. Built on the browser's native WebSocket; no build step.
  *
+ * The token goes in a first `auth` message, not in the URL, so it does not end up in proxy logs
+ * or the browser's console. `{tokenInUrl: true}` sends it as `?token=` instead (for a server
+ * that wants it in the handshake).
+ *
  * Events (the client is an EventTarget; each also has a callback option):
- *   "status"  detail {state, text, ...}   state: connecting | connected | resumed | reconnecting | unauthorized | closed
+ *   "status"  detail {state, text, ...}   state: connecting | connected | resumed | reconnecting | unauthorized | closed;
+ *                                        on reconnecting, `opened` says whether the last socket opened at all
  *   "event"   detail EVENT               every event delivered on any subscription
  *   "welcome" detail WELCOME
  *   "error"   detail {code, message}     an error reply that no request or subscription claimed
@@ -75,8 +81,9 @@ class Subscription {
 export class OrderlogClient extends EventTarget {
   /**
    * @param {string} url      ws:// or wss:// URL of the /v1/ws endpoint
-   * @param {string} token    a JWT, sent as ?token= (browsers cannot set headers)
+   * @param {string} token    a JWT, sent in a first `auth` message (browsers cannot set headers)
    * @param {object} options  onStatus(status), backoffStart, backoffCap, stableAfter (ms),
+   *                          tokenInUrl (send the token as ?token= instead),
    *                          WebSocket (a constructor, for tests)
    */
   constructor(url, token, options = {}) {
@@ -87,6 +94,7 @@ export class OrderlogClient extends EventTarget {
     this.backoffStart = options.backoffStart ?? BACKOFF_START_MS;
     this.backoffCap = options.backoffCap ?? BACKOFF_CAP_MS;
     this.stableAfter = options.stableAfter ?? STABLE_AFTER_MS;
+    this.tokenInUrl = options.tokenInUrl ?? false;
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
     this.welcome = null;
     this.logId = null; // the welcome's log_id, sent with every resubscribe
@@ -194,9 +202,10 @@ export class OrderlogClient extends EventTarget {
   _open() {
     this._timer = null;
     const sep = this.url.includes("?") ? "&" : "?";
+    const url = this.tokenInUrl ? `${this.url}${sep}token=${encodeURIComponent(this.token)}` : this.url;
     let ws;
     try {
-      ws = new this.WebSocket(`${this.url}${sep}token=${encodeURIComponent(this.token)}`);
+      ws = new this.WebSocket(url);
     } catch (err) {
       this._scheduleReconnect(null, `cannot connect: ${err.message}`);
       return;
@@ -207,6 +216,8 @@ export class OrderlogClient extends EventTarget {
     this._setStatus({ state: "connecting", text: this._everConnected ? "reconnecting…" : "connecting…" });
     ws.onopen = () => {
       openedAt = Date.now();
+      // The token's first way in: the auth message, before anything else (requests wait for welcome).
+      if (!this.tokenInUrl && ws === this._ws) ws.send(JSON.stringify({ type: "auth", token: this.token }));
     };
     ws.onmessage = (message) => {
       if (ws === this._ws) this._receive(message.data);
@@ -225,11 +236,11 @@ export class OrderlogClient extends EventTarget {
       }
       if (this._stopped) return;
       if (openedAt !== null && Date.now() - openedAt >= this.stableAfter) this._attempt = 0;
-      this._scheduleReconnect(close.code, close.reason);
+      this._scheduleReconnect(close.code, close.reason, openedAt !== null);
     };
   }
 
-  _scheduleReconnect(code, reason) {
+  _scheduleReconnect(code, reason, opened = false) {
     const base = Math.min(this.backoffCap, this.backoffStart * 2 ** this._attempt);
     const delay = base / 2 + Math.random() * (base / 2); // jitter: between half and all of it
     this._attempt = Math.min(this._attempt + 1, 30);
@@ -241,6 +252,7 @@ export class OrderlogClient extends EventTarget {
       at,
       code,
       reason,
+      opened,
     });
     this._timer = setTimeout(() => this._open(), delay);
   }
