@@ -7,15 +7,18 @@ talks to it over real sockets or through its exit code and stderr.
 from __future__ import annotations
 
 import json
+import random
 import socket
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
-from conftest import cli_env
+from conftest import REPO, cli_env
 from orderlog import protocol
-from orderlog.client import tail
+from orderlog.client import backoff_delay, tail
 from orderlog.store import Store
 from test_crash import ServerProcess
 from test_http import http_get
@@ -213,3 +216,26 @@ async def test_the_endpoint_over_plain_http_tells_a_refused_origin(tmp_path):
         bare, _, _ = await http_get(url, "/v1/ws")
     assert (refused, body) == (403, b"origin not allowed\n")
     assert allowed == bare == 426
+
+
+# -- the client's backoff, as documented --------------------------------------------------------
+
+
+@given(attempt=st.integers(0, 40), seed=st.integers(0, 2**32))
+def test_backoff_waits_between_half_and_all_of_a_doubling_ceiling(attempt, seed):
+    """The wait after n failed connects is in [c/2, c], c = min(30 s, 1 s x 2^(n-1)) (README: 0.5-1 s, 1-2 s ... 15-30 s)."""
+    ceiling = min(30.0, 2.0 ** attempt)
+    delay = backoff_delay(attempt, rng=random.Random(seed))
+    assert ceiling / 2 <= delay <= ceiling
+
+
+def test_backoff_documented_ranges():
+    """The ranges the README and `tail --help` state are the ones backoff_delay draws from."""
+    ranges = [(0.5, 1), (1, 2), (2, 4), (4, 8), (8, 16), (15, 30), (15, 30)]
+    rng = random.Random(1)
+    for attempt, (low, high) in enumerate(ranges):
+        waits = [backoff_delay(attempt, rng=rng) for _ in range(200)]
+        assert low <= min(waits) and max(waits) <= high
+        assert min(waits) < low + (high - low) / 10 and max(waits) > high - (high - low) / 10
+    readme = (REPO / "README.md").read_text()
+    assert "0.5-1 s, then 1-2 s, 2-4 s, 4-8 s, 8-16 s, then 15-30 s" in readme

@@ -539,7 +539,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     tail = subparsers.add_parser(
         "tail", help="print a channel's events as JSON lines, resuming after disconnects",
         description="Subscribe to a channel and print every event as one JSON line. On a disconnect it "
-        "reconnects with exponential backoff (capped at 30 s) and resumes after the last seq it printed.",
+        "reconnects with exponential backoff and jitter (waits of 0.5-1 s, 1-2 s, 2-4 s ... up to 15-30 s, "
+        "starting over after a connection that stayed up 10 s) and resumes after the last seq it printed.",
     )
     tail.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws", help="server URL (default %(default)s)")
     tail.add_argument("--token", help="JWT (env ORDERLOG_TOKEN)")

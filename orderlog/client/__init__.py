@@ -5,8 +5,9 @@
         async for event in c.subscribe("orders", since=0):
             print(event["seq"], event["type"])
 
-It reconnects on its own with exponential backoff and jitter (1 s doubling, capped at 30 s,
-reset after a connection that stayed up), resubscribes every channel after the last seq it
+It reconnects on its own with exponential backoff and jitter (`backoff_delay`: the n-th wait in
+a row is drawn between half and all of min(30 s, 1 s x 2^(n-1)), so 0.5-1 s, 1-2 s, 2-4 s, ...
+15-30 s; it starts over after a connection that stayed up 10 s), resubscribes every channel after the last seq it
 delivered (with the log's id, so a different log is refused instead of replayed), and resends
 unacknowledged commands with the same command id, so the server applies each at most once.
 A caller never sees a gap, a duplicate event or a double-applied command across a reconnect.
@@ -34,6 +35,14 @@ BACKOFF_CAP = 30.0
 STABLE_AFTER = 10.0  # seconds connected before the backoff starts over
 SUB_ID = "sub-"  # subscribe requests carry id "sub-N" so that a refusal finds its subscription
 EVENT_BUFFER = 1000  # events buffered per subscription before the reader waits for the caller
+
+
+def backoff_delay(attempt: int, start: float = BACKOFF_START, cap: float = BACKOFF_CAP,
+                  rng: random.Random | None = None) -> float:
+    """The wait after `attempt` + 1 failed connects in a row: drawn uniformly between half and
+    all of min(cap, start * 2**attempt) (the jitter spreads reconnects after a server restart)."""
+    ceiling = min(cap, start * 2 ** attempt)
+    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 class OrderlogError(Exception):
@@ -211,8 +220,7 @@ class Client:
                 self._ws = None
             if connected_at is not None and trio.current_time() - connected_at >= STABLE_AFTER:
                 attempt = 0
-            delay = min(self.backoff_cap, self.backoff_start * 2 ** attempt)
-            delay = random.uniform(delay / 2, delay)
+            delay = backoff_delay(attempt, self.backoff_start, self.backoff_cap)
             attempt = min(attempt + 1, 30)
             self.on_status(f"reconnecting in {delay:.1f} s")
             await trio.sleep(delay)
