@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -239,3 +242,45 @@ def test_backoff_documented_ranges():
         assert min(waits) < low + (high - low) / 10 and max(waits) > high - (high - low) / 10
     readme = (REPO / "README.md").read_text()
     assert "0.5-1 s, then 1-2 s, 2-4 s, 4-8 s, 8-16 s, then 15-30 s" in readme
+
+
+# -- operations: backup with the secret, and the documented restore ------------------------------
+
+
+async def test_backup_with_its_secret_restores_as_documented(tmp_path):
+    """docs/operations.md: an online copy plus DB.secret, restored by stop / replace / remove -wal,-shm / start,
+    serves the copy's log, and tokens signed before still work (here and on another machine)."""
+    live = tmp_path / "var" / "orderlog.db"
+    live.parent.mkdir()
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    with ServerProcess(live, secret=None) as server:  # the server makes orderlog.db.secret itself
+        url = await server.started()
+        secret = (live.parent / "orderlog.db.secret").read_text().strip()
+        async with session(url, "s1", "staff", secret=secret) as staff:
+            await staff.ok("add_stock", data={"sku": "kibble", "quantity": 5})
+            copy = subprocess.run([sys.executable, "-c", "import sqlite3,sys; sqlite3.connect(sys.argv[1])"
+                                   ".backup(sqlite3.connect(sys.argv[2]))", str(live), str(backup / "orderlog.db")],
+                                  capture_output=True, text=True, timeout=30)
+            assert copy.returncode == 0, copy.stderr
+            shutil.copy(live.parent / "orderlog.db.secret", backup / "orderlog.db.secret")
+            await staff.ok("add_stock", data={"sku": "kibble", "quantity": 7})  # after the backup: lost
+        server.kill()  # as after a crash
+
+    # In place: replace the file, remove the stale -wal and -shm, start.
+    shutil.copy(backup / "orderlog.db", live)
+    for suffix in ("-wal", "-shm"):
+        (live.parent / f"orderlog.db{suffix}").unlink(missing_ok=True)
+    # Elsewhere: the copy and its secret.
+    elsewhere = tmp_path / "new" / "orderlog.db"
+    elsewhere.parent.mkdir()
+    shutil.copy(backup / "orderlog.db", elsewhere)
+    shutil.copy(backup / "orderlog.db.secret", elsewhere.parent / "orderlog.db.secret")
+    for db in (live, elsewhere):
+        with ServerProcess(db, secret=None) as server:
+            url = await server.started()
+            async with session(url, "s1", "staff", secret=secret) as staff:  # a token signed before the backup
+                assert staff.welcome["head"] == 1
+                stock = await staff.request({"type": "get", "sku": "kibble"})
+                assert stock["stock"]["available"] == 5
+            assert await trio.to_thread.run_sync(server.stop) == 0
