@@ -303,7 +303,8 @@ async def test_command_flood_is_rate_limited_and_slows_nobody(tmp_path):
         print(f"flood replies: {codes}; calm acks alone p50 {a50 * 1000:.1f} ms p95 {a95 * 1000:.1f} ms, "
               f"during the flood p50 {d50 * 1000:.1f} ms p95 {d95 * 1000:.1f} ms")
         assert codes.get("rate_limited", 0) >= 3_000 and set(codes) <= {"ack", "rate_limited"}, codes
-        assert 1_000 <= codes["ack"] < 3_000, codes
+        # The burst (two seconds' worth of the rate: 400), then 200 per second while the flood lasts.
+        assert 400 <= codes["ack"] < 3_000, codes
         # Generous: the flooder runs in this process too, so the calm clients share its interpreter.
         assert d50 <= 4 * a50 + 0.015 and d95 <= 5 * a95 + 0.150, (alone, during)
         assert server.stop() == 0
