@@ -90,7 +90,7 @@ _synchronous = _one_of("synchronous", SYNCHRONOUS_MODES)
 _log_level = _one_of("log_level", LOG_LEVELS)
 
 
-def _namer(sources: dict[str, str] | None) -> Callable[[str], str]:
+def _namer(sources: dict[str, str] | None) -> Callable[..., str]:
     """How to name a setting in an error: the flag, the environment variable, or the file and key
     it came from (`sources` as apply_config returns them)."""
 
