@@ -339,7 +339,7 @@ class Connection:
                 validate(request.command)
                 authorize(request.command, principal)
                 if service.stopping:  # the writer only finishes what it holds; the close follows
-                    raise Rejected("unavailable", "the server is shutting down; the command was not applied, "
+                    raise Rejected(ErrorCode.UNAVAILABLE, "the server is shutting down; the command was not applied, "
                                    "send it again once it is back")
             except Rejected as exc:
                 service.metrics.command(request.command.name, exc.code)
