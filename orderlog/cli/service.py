@@ -24,6 +24,7 @@ from ..service import gcpolicy
 from ..service.settings import Settings
 from ..store import Store, StoreError
 from . import DEFAULT_DB, UsageError, config
+from .files import UntrustedFile, read_private, write_private
 
 SECRET_SUFFIX = ".secret"  # the generated HS256 secret lives next to the database
 MIN_SECRET_BYTES = 32
@@ -134,16 +135,19 @@ def secret_path(db: str) -> str:
 
 
 def load_or_create_secret(db: str, create: bool) -> tuple[str, bool]:
-    """The HS256 secret stored next to the database (mode 0600); created if `create`."""
+    """The HS256 secret stored next to the database (mode 0600); created if `create`.
+
+    An existing file is used only if this user alone controls it (`files.read_private`): a
+    secret planted by someone else would let them mint staff tokens.
+    """
     path = secret_path(db)
     try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.read().strip()
-        if os.stat(path).st_mode & 0o077:
-            logging.getLogger("orderlog").warning("event=secret.permissions path=%s advice='chmod 600'", path)
+        secret = read_private(path).strip()
         if len(secret) < MIN_SECRET_BYTES:
             raise UsageError(f"{path}: the secret is shorter than {MIN_SECRET_BYTES} characters")
         return secret, False
+    except UntrustedFile as exc:
+        raise UsageError(f"refusing the JWT secret: {exc}") from None
     except FileNotFoundError:
         if not create:
             raise UsageError(
@@ -151,16 +155,13 @@ def load_or_create_secret(db: str, create: bool) -> tuple[str, bool]:
             ) from None
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
-    secret = secrets.token_urlsafe(48)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first
+        write_private(path, secrets.token_urlsafe(48) + "\n")
+    except FileExistsError:  # another process created it first (or a link appeared): read it, checked
         return load_or_create_secret(db, create=False)
     except OSError as exc:
         raise UsageError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(secret + "\n")
-    return secret, True
+    return load_or_create_secret(db, create=False)[0], True
 
 
 def _read_key(path: str, what: str) -> str:

@@ -1,0 +1,89 @@
+"""Files that hold secrets or customers' data: a planted JWT secret is refused, new files are 0600.
+
+Run through the real command line (subprocesses), as an operator would meet them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from test_cli import assert_one_line_error
+
+SECRET_TEXT = "a-planted-secret-0123456789-0123456789-abcdef\n"
+
+
+def _secret(tmp_path: Path) -> Path:
+    return tmp_path / "orderlog.db.secret"
+
+
+def _refused(cli, *fragments):
+    """`serve` and `token` both refuse the secret with one line naming it, exit 2."""
+    for args in (("serve", "--port", "0"), ("token", "--sub", "mallory", "--role", "staff")):
+        done = cli(*args, "--db", "orderlog.db", timeout=30)
+        assert_one_line_error(done, "orderlog.db.secret", *fragments)
+        assert "refusing the JWT secret" in done.stderr
+
+
+def test_a_secret_that_is_a_symbolic_link_is_refused(cli, tmp_path):
+    """A DB.secret that is a symlink (to a file someone else chose) is refused, exit 2."""
+    planted = tmp_path / "elsewhere"
+    planted.write_text(SECRET_TEXT)
+    planted.chmod(0o600)
+    _secret(tmp_path).symlink_to(planted)
+    _refused(cli, "is a symbolic link")
+
+
+def test_a_dangling_secret_link_is_refused_not_followed(cli, tmp_path):
+    """A DB.secret link to a missing file is refused; nothing is created where it points."""
+    target = tmp_path / "target-chosen-by-someone-else"
+    _secret(tmp_path).symlink_to(target)
+    _refused(cli, "is a symbolic link")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602])
+def test_a_secret_open_to_group_or_others_is_refused(cli, tmp_path, mode):
+    """A DB.secret readable or writable by group or others is refused, naming its mode."""
+    path = _secret(tmp_path)
+    path.write_text(SECRET_TEXT)
+    path.chmod(mode)
+    _refused(cli, "open to group or others", f"mode {mode:04o}", "chmod 600")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_secret_owned_by_another_user_is_refused(cli, tmp_path):
+    """A DB.secret owned by another user is refused, even with mode 0600."""
+    path = _secret(tmp_path)
+    path.write_text(SECRET_TEXT)
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    _refused(cli, "owned by uid 65534")
+
+
+def test_a_secret_that_is_a_fifo_is_refused_without_blocking(cli, tmp_path):
+    """A FIFO planted as DB.secret is refused at once (opening it must not wait for a writer)."""
+    os.mkfifo(_secret(tmp_path), 0o600)
+    _refused(cli, "is not a regular file")
+
+
+def test_a_created_secret_is_0600_whatever_the_umask_and_then_trusted(cli, tmp_path):
+    """`serve` creates DB.secret 0600 even under umask 000, and `token` then signs with it."""
+    old = os.umask(0)
+    try:
+        done = cli("serve", "--db", "orderlog.db", "--port", "0", "--print-config")
+        assert done.returncode == 0 and not _secret(tmp_path).exists()  # --print-config creates nothing
+        assert_one_line_error(cli("token", "--db", "orderlog.db", "--sub", "alice"), "does not exist")
+        with socket.socket() as holder:  # a busy port: serve creates the secret, then stops
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            done = cli("serve", "--db", "orderlog.db", "--port", holder.getsockname()[1], timeout=30)
+    finally:
+        os.umask(old)
+    assert done.returncode == 2 and "orderlog: error: cannot listen" in done.stderr, done.stderr
+    assert stat.S_IMODE(_secret(tmp_path).stat().st_mode) == 0o600
+    assert cli("token", "--db", "orderlog.db", "--sub", "alice").returncode == 0
