@@ -24,6 +24,7 @@ import attrs
 
 from .. import __version__
 from ..canonical import dumps, event_json, time_bound
+from ..checkpoint import BadCheckpoint
 from ..domain import EVENT_TYPES, Event
 from ..records import Filter
 from ..store import DatabaseError, Store, StoreError, audit, migrations, schema_version_of
@@ -172,8 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recompute the hash chain of the whole log, check that seq numbers run 1, 2, 3 ... "
         "and every stream's versions 1, 2, 3 ..., then check that the stored projections equal a "
         "fresh fold of the log. Exit 0 with a one-line summary if all hold; otherwise exit 1 and "
-        "name the first bad seq (or order/sku).",
+        "name the first bad seq (or order/sku). With --checkpoint (signed elsewhere, see `orderlog "
+        "checkpoint`), also prove that the log holds the checkpoint's event with exactly its hash: a "
+        "history rewritten and rehashed before it fails, naming the checkpoint's seq.",
     )
+    p.add_argument("--checkpoint", action="append", metavar="JWS",
+                   help="a signed checkpoint the log must hold (repeatable; with --public-key)")
+    p.add_argument("--public-key", metavar="FILE", help="the PEM public key that signed the checkpoints")
+    p.add_argument("--export", metavar="FILE", help="check this JSONL export (`orderlog events`) instead of "
+                   "the database: the chain and the checkpoints, not the projections")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser(
@@ -207,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite's synchronous setting for the writes (default FULL: durable at every commit)")
     p.set_defaults(func=cmd_seed)
 
-    from . import service
+    from . import checkpoints, service
 
+    checkpoints.register(subparsers, db)
     service.register(subparsers)
     return parser
 
@@ -387,12 +396,21 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """`orderlog verify`: exit 0 with a summary if the log and projections hold, else 1 and the problem."""
-    path = db_path(args)
+    from .checkpoints import describe, verified_checkpoints
+
+    path = args.export or db_path(args)
+    try:
+        points = verified_checkpoints(args)
+    except BadCheckpoint as exc:
+        print(f"FAILED {path}: {exc}")
+        return 1
+    if args.export:
+        return _verify_export(args.export, points)
     store = Store.open(path, readonly=True)
     chain_bar, fold_bar = Progress("verify: hash chain "), Progress("verify: projections")
     started = time.perf_counter()
     try:
-        result = audit.verify_store(store, chain_bar, fold_bar)
+        result = audit.verify_store(store, chain_bar, fold_bar, points)
     finally:
         chain_bar.clear()
         fold_bar.clear()
@@ -407,7 +425,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"ok {path}: {result.events:,} events, hash chain intact (head {result.head}, "
         f"last hash {result.last_hash[:16] or '-'}), projections of {result.orders:,} orders and "
         f"{result.skus:,} skus match the log ({elapsed:.1f} s)"
+        + (f"; {describe(points)}" if points else "")
     )
+    return 0
+
+
+def _verify_export(path: str, points: list) -> int:
+    """`verify --export FILE`: the chain of a JSONL export, and the checkpoints in it."""
+    from .checkpoints import describe
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = audit.check_chain(audit.exported_events(f), checkpoints=points)
+    except OSError as exc:
+        raise UsageError(f"--export {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        report = audit.ChainReport(0, 0, "", "not UTF-8 text")
+    if report.problem is not None:
+        print(f"FAILED {path}: {report.problem}")
+        if report.count:
+            print(f"  (seq 1..{report.count} are sound, last good hash {report.last_hash})")
+        return 1
+    logs = sorted({p.log_id for p in points})
+    print(f"ok {path}: {report.count:,} events, hash chain intact (head {report.last_seq}, last hash "
+          f"{report.last_hash[:16] or '-'})" + (f"; {describe(points)}; an export does not name its log: the "
+                                                 f"checkpoints are of log {', '.join(logs)}" if points else ""))
     return 0
 
 

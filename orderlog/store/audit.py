@@ -15,11 +15,12 @@ import json
 import os
 import re
 import sqlite3
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 
-from ..canonical import ZERO_HASH, event_hash
+from ..canonical import ZERO_HASH, event_from_json, event_hash
+from ..checkpoint import Checkpoint
 from ..domain import Event, State
 from .log import EVENT_COLUMNS, Store
 
@@ -31,8 +32,8 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
 class CorruptRow(Exception):
     """A stored event row that is not even an event (its data is not JSON, say)."""
 
-    def __init__(self, seq: Any, reason: str):
-        super().__init__(f"seq {seq}: {reason}")
+    def __init__(self, seq: Any, reason: str, where: str | None = None):
+        super().__init__(f"{where or f'seq {seq}'}: {reason}")
         self.seq = seq
 
 
@@ -46,13 +47,24 @@ class ChainReport:
     problem: str | None = None
 
 
-def check_chain(events: Iterable[Event], progress: Progress | None = None, total: int = 0) -> ChainReport:
+def check_chain(events: Iterable[Event], progress: Progress | None = None, total: int = 0,
+                checkpoints: Sequence[Checkpoint] = ()) -> ChainReport:
     """Recompute the hash chain and check seq and version continuity; stop at the first problem.
 
     `events` must come in stored order (by seq). Problems read like
     "seq 17: hash mismatch (data or fields changed)" or "seq 40: gap, expected seq 39".
     The iterable may raise `CorruptRow`, which is reported as the problem.
+
+    Each of `checkpoints` (signed elsewhere, already verified) must find its event with exactly
+    its hash: a history rewritten before it, hashes recomputed, fails at the checkpoint's seq,
+    the first seq known to differ (with the range the change lies in when an earlier
+    checkpoint still matches).
     """
+    try:
+        attested = _attested(checkpoints)
+    except ValueError as exc:
+        return ChainReport(0, 0, "", str(exc))
+    matched = 0  # the newest checkpoint seq found intact
     prev_hash = ZERO_HASH
     last_hash = ""
     expected = 1
@@ -80,6 +92,11 @@ def check_chain(events: Iterable[Event], progress: Progress | None = None, total
                 return report(f"seq {seq}: cannot hash the event ({exc})")
             if recomputed != event.hash:
                 return report(f"seq {seq}: hash mismatch (data or fields changed)")
+            signed = attested.get(seq)
+            if signed is not None:
+                if signed != event.hash:
+                    return report(_rewritten(seq, event.hash, signed, matched))
+                matched = seq
             versions[event.stream] = want
             prev_hash = bytes.fromhex(event.hash)
             last_hash = event.hash
@@ -91,7 +108,28 @@ def check_chain(events: Iterable[Event], progress: Progress | None = None, total
         return report(str(bad))
     if progress is not None:
         progress(count, total)
+    beyond = [seq for seq in sorted(attested) if seq >= expected]
+    if beyond:
+        return report(f"seq {beyond[0]}: signed in a checkpoint but not in the log, which ends at seq "
+                      f"{expected - 1} (truncated, or another log)")
     return report(None)
+
+
+def _attested(checkpoints: Sequence[Checkpoint]) -> dict[int, str]:
+    """seq -> hash over the checkpoints; two that disagree on one seq cannot both hold."""
+    attested: dict[int, str] = {}
+    for point in checkpoints:
+        if attested.setdefault(point.seq, point.hash) != point.hash:
+            raise ValueError(f"two checkpoints sign different hashes for seq {point.seq}: the signing key "
+                             "signed two histories")
+    return attested
+
+
+def _rewritten(seq: int, have: str, signed: str, matched: int) -> str:
+    where = (f"the change is in seq {matched + 1}..{seq} (seq {matched} still matches its checkpoint)" if matched
+             else f"the change is in seq 1..{seq}")
+    return (f"seq {seq}: hash {have[:16]}... differs from the signed checkpoint's {signed[:16]}...: the history "
+            f"up to seq {seq} was rewritten and rehashed; {where}")
 
 
 def compare_projections(stored: State, folded: State) -> str | None:
@@ -138,17 +176,36 @@ def stored_events(conn: sqlite3.Connection) -> Iterator[Event]:
         yield Event(seq, stream, version, type_, at, actor, command_id, decoded, hash_)
 
 
+def exported_events(lines: Iterable[str]) -> Iterator[Event]:
+    """The events of a JSONL export (`orderlog events --format jsonl`), in file order;
+    `CorruptRow` naming the line for one that is not an EVENT object."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield event_from_json(json.loads(line))
+        except ValueError as exc:
+            raise CorruptRow(None, f"not an EVENT object ({exc})", where=f"line {number}") from None
+
+
 def verify_store(
     store: Store,
     chain_progress: Progress | None = None,
     fold_progress: Progress | None = None,
+    checkpoints: Sequence[Checkpoint] = (),
 ) -> VerifyResult:
-    """Check the whole log and the projections of `store` within one read snapshot."""
+    """Check the whole log and the projections of `store` within one read snapshot, and that
+    the log holds every one of `checkpoints` (verified signatures) and extends it."""
     conn = store.conn
+    for point in checkpoints:
+        if point.log_id != store.log_id:
+            return VerifyResult(False, 0, store.head(), "", problem=(
+                f"the checkpoint of seq {point.seq} is of log {point.log_id}, this is log {store.log_id} "
+                "(another log, or its log_id was changed)"))
     conn.execute("BEGIN")  # one snapshot for every read below (WAL readers never block the writer)
     try:
         head = store.head()
-        chain = check_chain(stored_events(conn), chain_progress, head)
+        chain = check_chain(stored_events(conn), chain_progress, head, checkpoints)
         if chain.problem is not None:
             return VerifyResult(False, chain.count, head, chain.last_hash, problem=chain.problem)
         try:
