@@ -19,7 +19,13 @@ import attrs
 from .domain import Principal, Role
 from .wire import frame_header
 
-_ORDER_ID_FIELD = re.compile(rb'"data":\{"order_id":"[A-Za-z0-9._-]*",')
+# The parts of a stock move's tail that identify its order's customer or let a guess be tested:
+# actor and command_id (JSON strings), data's order_id (first, as data is canonical JSON with
+# sorted keys), and the hash. The tail's shape is fixed by `_tail` (and SQLite's twin).
+_REDACTED_PARTS = re.compile(
+    rb'(,"actor":)"(?:[^"\\]|\\.)*"(,"command_id":)"(?:[^"\\]|\\.)*"(,"data":\{)"order_id":"[A-Za-z0-9._-]*",'
+    rb'(.*,"hash":)"[0-9a-f]{64}"\}\Z', re.DOTALL)
+_REDACTED_FORM = rb'\1null\2null\3\4null,"redacted":true}'
 _string = json.encoder.encode_basestring  # JSON string literal, non-ASCII kept as is (C speed)
 
 DEFAULT_WINDOW = 10_000  # recent events kept in memory for live delivery (up to twice that before a trim)
@@ -30,11 +36,12 @@ class FeedEvent:
 
     A subscription frame is `pre + channel + mid + prev + tail` (`prev` is the only part that
     differs between two subscribers of one channel), framed as a WebSocket text frame.
-    `redacted_tail` leaves out `data.order_id`, for customers reading `inventory` moves of
-    orders that are not theirs (to a customer, another customer's order does not exist).
+    `redacted_tail` is the tail for customers reading stock moves of orders that are not theirs:
+    to a customer, another customer's order does not exist, so nothing in the frame may identify
+    that customer or let a guess be tested (`redact_tail`).
     """
 
-    __slots__ = ("seq", "stream", "type", "customer", "order_id", "is_order", "pre", "mid", "tail")
+    __slots__ = ("seq", "stream", "type", "customer", "order_id", "is_order", "pre", "mid", "tail", "_redacted")
 
     def __init__(self, seq: int, stream: str, type_: str, customer: str | None, order_id: str | None,
                  is_order: bool, pre: bytes, mid: bytes, tail: bytes):
@@ -47,21 +54,17 @@ class FeedEvent:
         self.pre = pre  # b'{"type":"<type>","channel":'
         self.mid = mid  # b',"seq":<seq>,"prev":'
         self.tail = tail  # b',"stream":...,"hash":"..."}'
+        self._redacted: bytes | None = None
 
     @property
     def redacted_tail(self) -> bytes:
-        """The tail without `data.order_id` (computed when a customer needs it; not kept, so the
-        window holds one encoding per event)."""
-        if self.order_id is None or self.is_order:
-            return self.tail
-        # Event data is canonical JSON (sorted keys), so a stock move's data starts with its
-        # order_id, an id of [A-Za-z0-9._-]: cut it out of the bytes without re-encoding.
-        redacted, count = _ORDER_ID_FIELD.subn(b'"data":{', self.tail, count=1)
-        if count:
-            return redacted
-        body = json.loads(b"{" + self.tail[1:])  # not the usual shape: take the slow, sure way
-        body["data"].pop("order_id", None)
-        return b"," + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()[1:]
+        """The tail as a customer gets another customer's stock move (PROTOCOL.md section 6,
+        "Redacted events"): actor, command_id and hash null, no data.order_id, `"redacted":true`.
+        Computed when a customer first needs it, then kept with the event (one per event, however
+        many customers read it)."""
+        if self._redacted is None:
+            self._redacted = redact_tail(self.tail)
+        return self._redacted
 
     def payload(self, channel_json: bytes, prev: int, redact: bool = False) -> bytes:
         """The frame's JSON text (UTF-8) for one subscription."""
@@ -74,6 +77,23 @@ class FeedEvent:
         tail = self.redacted_tail if redact else self.tail
         length = len(self.pre) + len(channel_json) + len(self.mid) + len(prev_bytes) + len(tail)
         return b"".join((frame_header(length), self.pre, channel_json, self.mid, prev_bytes, tail))
+
+
+def redact_tail(tail: bytes) -> bytes:
+    """A stock move's tail with actor, command_id and hash null, data.order_id left out and
+    `"redacted":true` added; the bytes `redact_tail_slowly` gives, without decoding the JSON
+    (tests/test_feed_encoding.py pins the two together)."""
+    redacted, count = _REDACTED_PARTS.subn(_REDACTED_FORM, tail, count=1)
+    return redacted if count else redact_tail_slowly(tail)
+
+
+def redact_tail_slowly(tail: bytes) -> bytes:
+    """`redact_tail` by decoding and re-encoding the JSON: the plain twin of the fast path."""
+    body = json.loads(b"{" + tail[1:])
+    body["actor"] = body["command_id"] = body["hash"] = None
+    body["data"].pop("order_id", None)
+    body["redacted"] = True
+    return b"," + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()[1:]
 
 
 # The events columns a FeedEvent is made of, in the order of records.EventRow's fields (the
@@ -123,7 +143,7 @@ class Channel:
         return self.principal.role == Role.CUSTOMER and self.name != "orders"
 
     def redacts(self, event: FeedEvent) -> bool:
-        """Whether this subscriber gets the event without `data.order_id`."""
+        """Whether this subscriber gets the event redacted (a stock move of another customer's order)."""
         return (self.principal.role == Role.CUSTOMER and event.order_id is not None
                 and event.customer != self.principal.user)
 

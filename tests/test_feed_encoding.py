@@ -1,4 +1,5 @@
-"""The feed's two encoders (Python for fresh commits, SQLite for catch-up reads) give the same bytes."""
+"""The feed's two encoders (Python for fresh commits, SQLite for catch-up reads) give the same bytes,
+and the fast redaction of a stock move gives the bytes of its plain twin."""
 
 import json
 import tempfile
@@ -7,7 +8,8 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 
 from orderlog.domain import Command, Principal
-from orderlog.feed import FEED_COLUMNS, Channel, feed_event
+from orderlog.canonical import dumps
+from orderlog.feed import FEED_COLUMNS, Channel, _tail, feed_event, redact_tail, redact_tail_slowly
 from orderlog.store.feedreads import read_feed, read_frames
 from orderlog.records import Request
 from orderlog.store import Store
@@ -95,3 +97,33 @@ def test_catch_up_frames_equal_the_live_frames(customers, picks, after, page):
                     assert got == expected, (principal, name)
         finally:
             store.close()
+
+
+ORDER_IDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-", min_size=1, max_size=64)
+HASHES = st.binary(min_size=32, max_size=32).map(bytes.hex)
+
+
+def _stock_move_tail(actor: str, command_id: str, order_id: str, hash_: str, quantity: int = 2) -> bytes:
+    data = dumps({"sku": "kibble", "quantity": quantity, "order_id": order_id})
+    return _tail("sku:kibble", 4, "2026-11-25T17:03:00.123Z", actor, command_id, data, hash_)
+
+
+@settings(max_examples=200, deadline=None)
+@given(TEXT, TEXT, ORDER_IDS, HASHES)
+def test_fast_redaction_equals_the_plain_one(actor, command_id, order_id, hash_):
+    """redact_tail (bytes cut in place) gives exactly the bytes of redact_tail_slowly (decode, edit,
+    encode), for any actor and command id, and the result is the redacted event of PROTOCOL.md."""
+    tail = _stock_move_tail(actor, command_id, order_id, hash_)
+    fast = redact_tail(tail)
+    assert fast == redact_tail_slowly(tail)
+    event = json.loads(b"{" + fast[1:])
+    assert event == {"stream": "sku:kibble", "version": 4, "at": "2026-11-25T17:03:00.123Z", "actor": None,
+                     "command_id": None, "data": {"quantity": 2, "sku": "kibble"}, "hash": None, "redacted": True}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(TEXT, TEXT, ORDER_IDS, HASHES), st.tuples(TEXT, TEXT, ORDER_IDS, HASHES))
+def test_a_redacted_frame_does_not_depend_on_who_or_which_order(first, second):
+    """Two stock moves that differ only in actor, command id, order id and hash reach a customer as
+    the same bytes: nothing in the frame tells the customer who it was, or confirms a guess."""
+    assert redact_tail(_stock_move_tail(*first)) == redact_tail(_stock_move_tail(*second))

@@ -99,6 +99,13 @@ async def connect(
         yield ws
 
 
+def redacted(event: dict[str, Any]) -> dict[str, Any]:
+    """The EVENT object `event` (a stock move of another customer's order) as a customer gets it
+    (PROTOCOL.md section 6, "Redacted events")."""
+    data = {k: v for k, v in event["data"].items() if k != "order_id"}
+    return {**event, "actor": None, "command_id": None, "hash": None, "data": data, "redacted": True}
+
+
 def decode(frame: str | bytes) -> dict[str, Any]:
     assert isinstance(frame, str), f"server sent a binary frame: {frame!r}"
     message = json.loads(frame)

@@ -1,0 +1,52 @@
+"""Redacted events over real sockets: a customer reading stock moves learns nothing that identifies
+another customer, and cannot test a guess of another customer's order id (PROTOCOL.md section 6).
+
+The attack this pins down: the inventory feed gave a customer other customers' user ids
+(`actor`), command ids and the `hash` of the full event, from which a guessable order id was
+recovered by trying candidates until the hash matched.
+"""
+
+from __future__ import annotations
+
+import json
+
+from test_feed import query_all
+from wsclient import EVENT_TYPES, redacted, running_server, session, stock_up
+
+ALICE = "alice-7f3a"
+ITEMS = {"items": [{"sku": "kibble", "quantity": 2}, {"sku": "toy", "quantity": 1}]}
+
+
+async def test_a_customer_cannot_learn_who_placed_other_orders_nor_test_a_guess(tmp_path):
+    """Bob's inventory feed (live from the window, and replayed from SQLite) carries Alice's
+    stock moves redacted: no actor, command id, hash or order id anywhere in any frame Bob gets,
+    while Bob's own moves and staff's restocks come whole."""
+    async with running_server(tmp_path, window=1) as (url, _, _):  # a window of 1: replays read SQLite
+        async with session(url, "staff-1", "staff") as staff, session(url, "bob") as bob:
+            await stock_up(staff, {"kibble": 100, "toy": 100})
+            assert (await bob.subscribe("inventory", since=0))["type"] == "subscribed"
+            async with session(url, ALICE) as alice:
+                await alice.ok("place_order", "alice-order-1", ITEMS, command_id="alice-cmd-place-1")
+                await alice.ok("place_order", "alice-order-2", ITEMS, command_id="alice-cmd-place-2")
+                await alice.ok("cancel_order", "alice-order-2", command_id="alice-cmd-cancel-2")
+            await staff.ok("approve_order", "alice-order-1")
+            await staff.ok("ship_order", "alice-order-1")
+            await bob.ok("place_order", "bob-order-1", ITEMS)
+            log = await query_all(staff)
+            head = log[-1]["seq"]
+            moves = [e for e in log if e["stream"].startswith("sku:")]
+            live = await bob.until(lambda f: f.get("channel") == "inventory" and f.get("seq") == moves[-1]["seq"], 10)
+            async with session(url, "bob") as again:
+                assert (await again.subscribe("inventory", since=0))["type"] == "subscribed"
+                replayed = await again.until(lambda f: f["type"] == "live", 10)
+            frames = live + replayed
+    alices = {e["seq"] for e in log if e["data"].get("order_id", "").startswith("alice-")}
+    for source in (live, replayed):
+        got = [{k: v for k, v in f.items() if k not in ("channel", "prev")} for f in source if f["type"] in EVENT_TYPES]
+        assert got == [redacted(e) if e["seq"] in alices else e for e in moves]
+    text = json.dumps(frames)
+    secrets = {ALICE, "alice-order-1", "alice-order-2", "alice-cmd-place-1", "alice-cmd-place-2", "alice-cmd-cancel-2"}
+    secrets |= {e["hash"] for e in log if e["seq"] in alices or e["stream"].startswith("order:alice-")}
+    assert [s for s in secrets if s in text] == []
+    assert any(f.get("redacted") is True for f in frames)
+    assert all("redacted" not in f for f in frames if f.get("seq") not in alices)
