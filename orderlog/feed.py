@@ -41,10 +41,10 @@ class FeedEvent:
     that customer or let a guess be tested (`redact_tail`).
     """
 
-    __slots__ = ("seq", "stream", "type", "customer", "order_id", "is_order", "pre", "mid", "tail", "_redacted")
+    __slots__ = ("seq", "stream", "type", "customer", "order_id", "is_order", "pre", "mid", "tail", "hash", "_redacted")
 
     def __init__(self, seq: int, stream: str, type_: str, customer: str | None, order_id: str | None,
-                 is_order: bool, pre: bytes, mid: bytes, tail: bytes):
+                 is_order: bool, pre: bytes, mid: bytes, tail: bytes, hash_: str):
         self.seq = seq
         self.stream = stream
         self.type = type_
@@ -54,6 +54,7 @@ class FeedEvent:
         self.pre = pre  # b'{"type":"<type>","channel":'
         self.mid = mid  # b',"seq":<seq>,"prev":'
         self.tail = tail  # b',"stream":...,"hash":"..."}'
+        self.hash = hash_  # the event's hash (also in `tail`): the hub's head_hash
         self._redacted: bytes | None = None
 
     @property
@@ -115,7 +116,7 @@ def feed_event(row: Sequence[Any]) -> FeedEvent:
     # so they need no escaping; actor and command_id are any strings.
     tail = _tail(stream, version, at, actor, command_id, data, hash_)
     return FeedEvent(seq, stream, type_, customer, order_id, stream.startswith("order:"),
-                     b'{"type":"' + type_.encode() + b'","channel":', b',"seq":' + str(seq).encode() + b',"prev":', tail)
+                     b'{"type":"' + type_.encode() + b'","channel":', b',"seq":' + str(seq).encode() + b',"prev":', tail, hash_)
 
 
 @attrs.frozen

@@ -167,7 +167,7 @@ async def test_a_valid_token_by_each_way_gets_welcome(server, via):
         if via == "auth":
             assert welcome["id"] == "a-1"
         await send_json(ws, {"type": "ping", "id": "p"})
-        assert await recv_json(ws) == {"type": "pong", "id": "p", "head": 0}
+        assert await recv_json(ws) == {"type": "pong", "id": "p", "head": 0, "head_hash": None}
 
 
 async def test_query_token_wins_over_header_token(server):
@@ -338,7 +338,7 @@ async def test_requests_right_after_auth_are_answered_after_welcome(server):
         await send_json(ws, {"type": "ping", "id": "p1"})
         await send_json(ws, {"type": "get", "sku": "nothing", "id": "g1"})
         assert (await recv_json(ws))["type"] == "welcome"
-        assert (await recv_json(ws)) == {"type": "pong", "id": "p1", "head": 0}
+        assert (await recv_json(ws)) == {"type": "pong", "id": "p1", "head": 0, "head_hash": None}
         assert (await recv_json(ws))["id"] == "g1"
     async with connect(url, token("alice")) as ws:
         await send_json(ws, {"type": "ping", "id": "p2"})
@@ -407,7 +407,7 @@ async def test_welcome_fields(tmp_path):
         exp = jwt.decode(tok, options={"verify_signature": False})["exp"]
         async with connect(url, tok) as ws:
             welcome = await recv_json(ws)
-        assert set(welcome) == {"type", "user", "role", "head", "log_id", "expires_at"}
+        assert set(welcome) == {"type", "user", "role", "head", "head_hash", "log_id", "expires_at"}
         assert (welcome["user"], welcome["role"], welcome["head"]) == ("auditor-1", "auditor", 0)
         assert isinstance(welcome["log_id"], str) and welcome["log_id"]
         assert RFC3339_Z.match(welcome["expires_at"]), welcome["expires_at"]

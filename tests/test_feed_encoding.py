@@ -38,8 +38,8 @@ def test_sql_and_python_encodings_agree(pairs):
             caught_up = read_feed(store.conn, None, 0, head, 1000)
             assert len(live) == len(caught_up) == head
             for a, b in zip(live, caught_up):
-                assert (a.seq, a.stream, a.type, a.customer, a.order_id, bool(a.is_order), a.pre, a.mid, a.tail) == \
-                       (b.seq, b.stream, b.type, b.customer, b.order_id, bool(b.is_order), b.pre, b.mid, b.tail)
+                assert (a.seq, a.stream, a.type, a.customer, a.order_id, bool(a.is_order), a.pre, a.mid, a.tail, a.hash) == \
+                       (b.seq, b.stream, b.type, b.customer, b.order_id, bool(b.is_order), b.pre, b.mid, b.tail, b.hash)
                 message = json.loads(b.payload(b'"inventory"', 0))
                 row = rows[a.seq - 1]
                 assert (message["actor"], message["command_id"]) == (row[5], row[6])

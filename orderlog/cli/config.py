@@ -43,9 +43,11 @@ KEYS: dict[str, str] = {
     "rate_limit": NUMBER,
     "synchronous": STRING,
     "log_level": STRING,
+    "checkpoint_key": STRING,
+    "checkpoint_every": INTEGER,
 }
 SECRET_KEYS = frozenset({"jwt_secret"})  # never printed
-PATH_KEYS = frozenset({"db", "jwt_public_key", "tls_cert", "tls_key"})  # relative to the file's directory
+PATH_KEYS = frozenset({"db", "jwt_public_key", "tls_cert", "tls_key", "checkpoint_key"})  # relative to the file's directory
 ENV_PREFIX = "ORDERLOG_"
 CONFIG_ENV = "ORDERLOG_CONFIG"
 

@@ -250,8 +250,23 @@ def settings_from(args: argparse.Namespace, load_secret: bool = True,
         max_connections=_pick(args.max_connections, "MAX_CONNECTIONS", _positive_int, defaults.max_connections),
         rate_limit=_pick(args.rate_limit, "RATE_LIMIT", _positive_float, defaults.rate_limit),
         synchronous=synchronous,
+        **_checkpoint_settings(args, load_secret, defaults),
     )
     return settings, note
+
+
+def _checkpoint_settings(args: argparse.Namespace, load_key: bool, defaults: Settings) -> dict[str, Any]:
+    """`--checkpoint-key FILE` (read only if `load_key`) and `--checkpoint-every N`."""
+    from .checkpoints import load_private_key
+
+    path = _pick(args.checkpoint_key, "CHECKPOINT_KEY")
+    every = _pick(args.checkpoint_every, "CHECKPOINT_EVERY", _positive_int, defaults.checkpoint_every)
+    if path is None:
+        if args.checkpoint_every is not None or _env("CHECKPOINT_EVERY") is not None:
+            raise UsageError("--checkpoint-every goes with --checkpoint-key FILE (the key that signs)")
+        return {}
+    return {"checkpoint_key": load_private_key(path, "--checkpoint-key") if load_key else None,
+            "checkpoint_every": every}
 
 
 # -- the settings file ---------------------------------------------------------------------
@@ -261,6 +276,7 @@ FILE_CONVERT: dict[str, Callable[[str], Any] | None] = {
     "port": _port, "max_message_size": _positive_int, "max_connections": _positive_int,
     "rate_limit": _positive_float, "auth_timeout": _seconds, "ping_interval": _seconds,
     "synchronous": _synchronous, "log_level": _log_level,
+    "checkpoint_every": _positive_int,
 }
 TOKEN_FILE_KEYS = ("db", "jwt_secret", "jwt_algorithm", "jwt_audience", "jwt_issuer")
 
@@ -319,6 +335,8 @@ def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
         "max_message_size": settings.max_message_size, "auth_timeout": settings.auth_timeout,
         "ping_interval": settings.ping_interval, "max_connections": settings.max_connections,
         "rate_limit": settings.rate_limit, "synchronous": settings.synchronous,
+        "checkpoint_key": _pick(args.checkpoint_key, "CHECKPOINT_KEY"),
+        "checkpoint_every": settings.checkpoint_every,
         "log_level": log_level_from(args),
     }
     entries = []
@@ -512,6 +530,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                        help="handshakes beyond this get HTTP 503 (default 10000)")
     serve.add_argument("--rate-limit", type=_arg(_positive_float), metavar="PER_SECOND",
                        help="commands per second per connection before `rate_limited` (default 500)")
+    serve.add_argument("--checkpoint-key", metavar="FILE",
+                       help="Ed25519 private key (`orderlog keygen`): sign a checkpoint of the log every "
+                       "--checkpoint-every events, served at GET /v1/checkpoint (env ORDERLOG_CHECKPOINT_KEY)")
+    serve.add_argument("--checkpoint-every", type=_arg(_positive_int), metavar="N",
+                       help="events between two signed checkpoints (default 1000)")
     serve.add_argument("--synchronous", type=_arg(_synchronous), help="SQLite synchronous mode: FULL (default, "
                        "durable on power loss), NORMAL, OFF or EXTRA (env ORDERLOG_SYNCHRONOUS)")
     serve.add_argument("--log-level", type=_arg(_log_level), help="DEBUG, INFO (default), WARNING or ERROR "

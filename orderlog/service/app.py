@@ -38,7 +38,9 @@ from ..domain import ErrorCode, Rejected
 from ..feed import FeedEvent, feed_event
 from ..records import Ack, BatchResult, Request
 from ..store import Store, Unavailable
+from ..store import checkpoints as stored_checkpoints
 from . import gcpolicy, http
+from .checkpointing import Checkpointer
 from .connection import CLOSE_TIMEOUT, Connection
 from .hub import Hub
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -66,7 +68,8 @@ class Service:
         self.store = Store.open(settings.db, create=True, synchronous=settings.synchronous)
         self.log_id = self.store.log_id
         self.readers = Readers(settings.db)
-        self.hub = Hub(self.store.head(), settings.window)
+        head, head_hash = stored_checkpoints.head(self.store)
+        self.hub = Hub(head, settings.window, head_hash)
         self.connections: set[Connection] = set()
         self._ids = itertools.count(1)
         self._send_commands, self._receive_commands = trio.open_memory_channel[Pending](WRITER_QUEUE)
@@ -77,7 +80,9 @@ class Service:
         self.write_error: str | None = None  # why the last commit failed, until one succeeds
         self.metrics = Metrics(head=lambda: self.hub.head, lag=self.max_lag)
         self.clock = Clock()
-        self.routes = {"/healthz": self._healthz, "/metrics": self._metrics}
+        self.checkpointer = (Checkpointer(self.store, settings.checkpoint_key, settings.checkpoint_every)
+                             if settings.checkpoint_key is not None else None)
+        self.routes = {"/healthz": self._healthz, "/metrics": self._metrics, "/v1/checkpoint": self._checkpoint}
 
     def max_lag(self) -> int:
         head = self.hub.head
@@ -87,7 +92,8 @@ class Service:
 
     def health(self) -> tuple[bool, dict]:
         ok = self.writer_alive and not self.stopping and self.write_error is None
-        body = {"status": "ok" if ok else "unavailable", "head": self.hub.head, "log_id": self.log_id,
+        body = {"status": "ok" if ok else "unavailable", "head": self.hub.head, "head_hash": self.hub.head_hash,
+                "log_id": self.log_id,
                 "writer": "alive" if self.writer_alive else "stopped", "writable": self.write_error is None,
                 "connections": len(self.connections)}
         if self.write_error is not None:
@@ -97,6 +103,13 @@ class Service:
     async def _healthz(self, request_head: http.RequestHead) -> bytes:
         ok, body = self.health()
         return http.response(200 if ok else 503, (protocol.encode(body) + "\n").encode(), "application/json")
+
+    async def _checkpoint(self, request_head: http.RequestHead) -> bytes:
+        jws = self.checkpointer.latest if self.checkpointer is not None else None
+        if jws is None:
+            why = "no checkpoint signed yet" if self.checkpointer is not None else "this server signs no checkpoints"
+            return http.response(404, f"{why}\n".encode())
+        return http.response(200, (protocol.encode({"checkpoint": jws}) + "\n").encode(), "application/json")
 
     async def _metrics(self, request_head: http.RequestHead) -> bytes:
         return http.response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
@@ -125,6 +138,8 @@ class Service:
         else:
             # Read back what is committed: events of another process, or before ours.
             events = self.store.read_feed(None, after, 2**62, PUBLISH_LIMIT)
+        if self.checkpointer is not None:
+            self.checkpointer.after_commit(events)
         return result.outcomes, events
 
     async def sweep(self) -> None:

@@ -168,7 +168,8 @@ class Connection:
                      claims.principal.role)
         self.push(protocol.reply(
             "welcome", request_id, user=claims.principal.user, role=claims.principal.role,
-            head=self.service.hub.head, log_id=self.service.log_id, expires_at=auth.rfc3339(claims.expires_at),
+            head=self.service.hub.head, head_hash=self.service.hub.head_hash, log_id=self.service.log_id,
+            expires_at=auth.rfc3339(claims.expires_at),
         ))
 
     async def _retarget_subscriptions(self) -> None:
@@ -358,7 +359,7 @@ class Connection:
         elif isinstance(request, protocol.Query):
             await self._query(request, principal)
         elif isinstance(request, protocol.Ping):
-            self.push(protocol.reply("pong", request.id, head=service.hub.head))
+            self.push(protocol.reply("pong", request.id, head=service.hub.head, head_hash=service.hub.head_hash))
         elif isinstance(request, protocol.Auth):
             self._accept_token(request.token, request.id)
             if self.principal.role != principal.role:

@@ -47,8 +47,9 @@ class Hub:
     there, from the window or from SQLite.
     """
 
-    def __init__(self, head: int, size: int):
+    def __init__(self, head: int, size: int, head_hash: str | None = None):
         self.window = Window(head, size)
+        self.head_hash = head_hash  # the hash of event `head` (None for an empty log)
         self.staff_orders: set[Subscription] = set()
         self.customer_orders: dict[str, set[Subscription]] = {}
         self.inventory: set[Subscription] = set()
@@ -92,6 +93,7 @@ class Hub:
         if not events:
             return
         self.window.append(events)
+        self.head_hash = events[-1].hash
         out: dict[Connection, list[bytes]] = {}
         sizes: dict[Connection, int] = {}
         staff, inventory, streams, customers = self.staff_orders, self.inventory, self.streams, self.customer_orders

@@ -3,6 +3,8 @@ loading trio."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ..auth import Keys
@@ -31,3 +33,5 @@ class Settings:
     handshake_timeout: float = 10.0  # slow handshakes are dropped after this
     synchronous: str = "FULL"
     window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
+    checkpoint_key: Any = None  # an Ed25519 private key: sign a checkpoint every `checkpoint_every` events
+    checkpoint_every: int = 1000

@@ -20,7 +20,7 @@ _TAIL_SQL = """CAST(',"stream":"' || stream || '","version":' || version || ',"a
 FEED_SQL = f"""seq, stream, type, owner, order_id, substr(stream, 1, 6) = 'order:',
     CAST('{{"type":"' || type || '","channel":' AS BLOB),
     CAST(',"seq":' || seq || ',"prev":' AS BLOB),
-    {_TAIL_SQL}"""
+    {_TAIL_SQL}, hash"""
 # For catch-up frames of one channel: the text up to "prev": (channel name bound as the first
 # parameter) and the tail. Three columns instead of nine, and no FeedEvent: about half the cost.
 _FRAME_SQL = f"""seq, CAST('{{"type":"' || type || '","channel":' || ? || ',"seq":' || seq || ',"prev":' AS BLOB),
