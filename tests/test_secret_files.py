@@ -87,3 +87,40 @@ def test_a_created_secret_is_0600_whatever_the_umask_and_then_trusted(cli, tmp_p
     assert done.returncode == 2 and "orderlog: error: cannot listen" in done.stderr, done.stderr
     assert stat.S_IMODE(_secret(tmp_path).stat().st_mode) == 0o600
     assert cli("token", "--db", "orderlog.db", "--sub", "alice").returncode == 0
+
+
+# -- the database file ---------------------------------------------------------------------------
+
+
+async def test_the_database_wal_and_shm_are_created_0600_whatever_the_umask(tmp_path):
+    """`serve` on a new file, under umask 000: the database, its -wal and its -shm are all 0600."""
+    from test_crash import SECRET, ServerProcess
+    from wsclient import session
+
+    old = os.umask(0)
+    try:
+        server = ServerProcess(tmp_path / "fresh.db")
+    finally:
+        os.umask(old)
+    try:
+        url = await server.started()
+        async with session(url, "staff-1", "staff", secret=SECRET) as staff:
+            await staff.ok("add_stock", data={"sku": "kibble", "quantity": 1})
+            modes = {suffix: stat.S_IMODE(Path(f"{tmp_path / 'fresh.db'}{suffix}").stat().st_mode)
+                     for suffix in ("", "-wal", "-shm")}
+    finally:
+        assert server.stop() == 0
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+@pytest.mark.parametrize("command", [("migrate",), ("seed", "--commands", "5"),
+                                     ("serve", "--port", "0", "--jwt-secret", "serve-cli-test-secret-0123456789abcdef")])
+def test_a_dangling_symlink_as_the_database_is_refused(cli, tmp_path, command):
+    """A --db that is a symlink to a missing file is refused with one line (exit 2); nothing is
+    created where it points."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "link.db").symlink_to(target / "planted.db")
+    done = cli(*command, "--db", "link.db", timeout=30)
+    assert_one_line_error(done, "link.db: a symbolic link to a missing file")
+    assert list(target.iterdir()) == []

@@ -7,6 +7,7 @@ pragmas (WAL, synchronous, cache) and applies the migrations a writer lacks.
 
 from __future__ import annotations
 
+import errno
 import importlib.resources
 import os
 import re
@@ -163,6 +164,29 @@ def schema_version_of(path: str) -> int:
 # -- opening ----------------------------------------------------------------------------------
 
 
+def create_private_file(path: str) -> None:
+    """Create `path` empty with mode 0600 (whatever the umask), unless something is there by now.
+
+    The database holds customers' addresses, so only its owner may read it; SQLite creates the
+    `-wal` and `-shm` files with the mode of the database file. Never follows a symbolic link.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise StoreError(f"{path}: a symbolic link to a missing file; refusing to create the database "
+                             "where it points") from None
+        return  # another process created it first: opened as an existing database
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"{path}: a symbolic link appeared while creating the database") from None
+        raise StoreError(f"{path}: cannot create the database file ({exc.strerror})") from None
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def _is_sqlite_file(path: str) -> bool:
     with open(path, "rb") as f:
         header = f.read(16)
@@ -175,6 +199,9 @@ def connect(path: str, *, create: bool, readonly: bool, synchronous: str, migrat
     if synchronous not in SYNCHRONOUS_MODES:
         raise StoreError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}")
     exists = os.path.exists(path)
+    if not exists and os.path.islink(path):
+        raise StoreError(f"{path}: a symbolic link to a missing file; refusing to create the database "
+                         "where it points (remove the link, or point it at the database)")
     if not exists and (readonly or not create):
         raise StoreError(f"{path}: no such database file (create one with `orderlog migrate --db {path}`)")
     if exists:
@@ -189,6 +216,7 @@ def connect(path: str, *, create: bool, readonly: bool, synchronous: str, migrat
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise StoreError(f"{path}: the folder {parent} does not exist")
+        create_private_file(path)  # SQLite gives -wal and -shm the database file's mode
     try:
         if readonly:
             uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
