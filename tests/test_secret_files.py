@@ -124,3 +124,36 @@ def test_a_dangling_symlink_as_the_database_is_refused(cli, tmp_path, command):
     done = cli(*command, "--db", "link.db", timeout=30)
     assert_one_line_error(done, "link.db: a symbolic link to a missing file")
     assert list(target.iterdir()) == []
+
+
+# -- siblings: files that are not secret but decide who gets in -----------------------------------
+
+
+def test_a_jwt_public_key_or_settings_file_others_may_write_is_refused(cli, tmp_path):
+    """Whoever may rewrite the token-checking public key mints any token, and the settings file may
+    name the secret or the key: each is refused (one line, exit 2) when group or others may write
+    it, or another user owns it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    settings = tmp_path / "orderlog.toml"
+    settings.write_text('port = 0\njwt_secret = "a-secret-from-the-file-0123456789abcdef"\n')
+    settings.chmod(0o600)
+    for mode in (0o664, 0o646):
+        public.chmod(mode)
+        done = cli("serve", "--jwt-algorithm", "ES256", "--jwt-public-key", "jwt.pub", "--print-config")
+        assert_one_line_error(done, "refusing --jwt-public-key", "writable by group or others", f"mode {mode:04o}")
+        settings.chmod(mode)
+        for command in (("serve", "--print-config"), ("token", "--sub", "mallory", "--role", "staff")):
+            done = cli(*command, "--config", "orderlog.toml")
+            assert_one_line_error(done, "refusing --config", "writable by group or others")
+        settings.chmod(0o600)
+    public.chmod(0o644)
+    assert cli("serve", "--jwt-algorithm", "ES256", "--jwt-public-key", "jwt.pub", "--print-config").returncode == 0
+    assert cli("token", "--sub", "alice", "--config", "orderlog.toml").returncode == 0
+    if os.geteuid() == 0:
+        os.chown(settings, 65534, 65534)
+        assert_one_line_error(cli("token", "--sub", "alice", "--config", "orderlog.toml"), "owned by uid 65534")

@@ -1,10 +1,15 @@
-"""Secret files: the JWT secret next to the database and the checkpoint signing key.
+"""Files that decide who may do what: the JWT secret next to the database, the checkpoint signing
+key, the JWT public key and the settings file.
 
 Whoever can write a secret file decides what it holds, and whoever can read it can use it. So a
 secret is read only from a regular file that this user owns and that nobody else may read or
 write, opened without following a symbolic link (a link planted in the database's folder would
 hand the choice of the secret to whoever planted it). New secret files are created 0600 and
 never over an existing file or link.
+
+A file that is not secret but is trusted (the public key that checks tokens: whoever replaces
+it mints any token; the settings file, which may name the secret or the key) must not be
+writable by anyone but this user or root (`check_trusted`); it may be a link, and readable.
 """
 
 from __future__ import annotations
@@ -61,3 +66,17 @@ def write_private(path: str, text: str) -> None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def check_trusted(path: str) -> None:
+    """UntrustedFile unless `path` (links followed) is a regular file owned by this user or root
+    and not writable by group or others; OSError if it cannot be examined."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise UntrustedFile(f"{path} is not a regular file")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UntrustedFile(f"{path} is owned by uid {info.st_uid}, neither this user (uid {os.geteuid()}) nor root; "
+                            "whoever owns it decides what it says")
+    if info.st_mode & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
+        raise UntrustedFile(f"{path} is writable by group or others (mode {mode:04o}); run `chmod go-w {path}`")

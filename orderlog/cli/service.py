@@ -24,7 +24,7 @@ from ..service import gcpolicy
 from ..service.settings import Settings
 from ..store import Store, StoreError
 from . import DEFAULT_DB, UsageError, config
-from .files import UntrustedFile, read_private, write_private
+from .files import UntrustedFile, check_trusted, read_private, write_private
 
 SECRET_SUFFIX = ".secret"  # the generated HS256 secret lives next to the database
 MIN_SECRET_BYTES = 32
@@ -164,6 +164,17 @@ def load_or_create_secret(db: str, create: bool) -> tuple[str, bool]:
     return load_or_create_secret(db, create=False)[0], True
 
 
+def _check_trusted(path: str, what: str) -> None:
+    """UsageError unless only this user (or root) may change `path` (files.check_trusted);
+    a missing file is left to the reader's own message."""
+    try:
+        check_trusted(path)
+    except UntrustedFile as exc:
+        raise UsageError(f"refusing {what}: {exc}") from None
+    except OSError:
+        pass
+
+
 def _read_key(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -208,6 +219,7 @@ def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool,
     if not public_key_file:
         raise UsageError(f"{name('jwt_algorithm')} {algorithm} needs {name('jwt_public_key', 'jwt_algorithm')} FILE "
                          "(a PEM public key)")
+    _check_trusted(public_key_file, name("jwt_public_key"))
     pem = _read_key(public_key_file, name("jwt_public_key"))
     try:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -288,6 +300,8 @@ def apply_config(args: argparse.Namespace, keys: tuple[str, ...] | list[str]) ->
     keys of other subcommands). Returns where each key's value comes from, for --print-config.
     """
     path = getattr(args, "config", None) or os.environ.get(config.CONFIG_ENV) or None
+    if path:
+        _check_trusted(path, "--config")
     try:
         values = config.load(path) if path else {}
     except config.ConfigError as exc:
