@@ -1,4 +1,4 @@
-"""Signed checkpoints: a hash chain anchored outside the shop (PROTOCOL.md section 6).
+"""Signed checkpoints: a hash chain anchored outside the shop (docs/protocol.md section 5, "Anchored chain").
 
 Theory of operation. Anyone who can write the database can rewrite history and recompute every
 hash after the change, so the chain alone proves nothing. A checkpoint is a compact JWS, signed

@@ -59,7 +59,7 @@ class FeedEvent:
 
     @property
     def redacted_tail(self) -> bytes:
-        """The tail as a customer gets another customer's stock move (PROTOCOL.md section 6,
+        """The tail as a customer gets another customer's stock move (docs/protocol.md section 4,
         "Redacted events"): actor, command_id and hash null, no data.order_id, `"redacted":true`.
         Computed when a customer first needs it, then kept with the event (one per event, however
         many customers read it)."""

@@ -112,7 +112,7 @@ def _stock_move_tail(actor: str, command_id: str, order_id: str, hash_: str, qua
 @given(TEXT, TEXT, ORDER_IDS, HASHES)
 def test_fast_redaction_equals_the_plain_one(actor, command_id, order_id, hash_):
     """redact_tail (bytes cut in place) gives exactly the bytes of redact_tail_slowly (decode, edit,
-    encode), for any actor and command id, and the result is the redacted event of PROTOCOL.md."""
+    encode), for any actor and command id, and the result is the redacted event of docs/protocol.md."""
     tail = _stock_move_tail(actor, command_id, order_id, hash_)
     fast = redact_tail(tail)
     assert fast == redact_tail_slowly(tail)

@@ -1,5 +1,5 @@
 """Redacted events over real sockets: a customer reading stock moves learns nothing that identifies
-another customer, and cannot test a guess of another customer's order id (PROTOCOL.md section 6).
+another customer, and cannot test a guess of another customer's order id (docs/protocol.md section 4).
 
 The attack this pins down: the inventory feed gave a customer other customers' user ids
 (`actor`), command ids and the `hash` of the full event, from which a guessable order id was

@@ -101,7 +101,7 @@ async def connect(
 
 def redacted(event: dict[str, Any]) -> dict[str, Any]:
     """The EVENT object `event` (a stock move of another customer's order) as a customer gets it
-    (PROTOCOL.md section 6, "Redacted events")."""
+    (docs/protocol.md section 4, "Redacted events")."""
     data = {k: v for k, v in event["data"].items() if k != "order_id"}
     return {**event, "actor": None, "command_id": None, "hash": None, "data": data, "redacted": True}
 
