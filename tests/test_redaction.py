@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 
+import trio
+
 from test_feed import query_all
-from wsclient import EVENT_TYPES, redacted, running_server, session, stock_up
+from wsclient import EVENT_TYPES, redacted, running_server, session, stock_up, token
 
 ALICE = "alice-7f3a"
 ITEMS = {"items": [{"sku": "kibble", "quantity": 2}, {"sku": "toy", "quantity": 1}]}
@@ -50,3 +52,47 @@ async def test_a_customer_cannot_learn_who_placed_other_orders_nor_test_a_guess(
     assert [s for s in secrets if s in text] == []
     assert any(f.get("redacted") is True for f in frames)
     assert all("redacted" not in f for f in frames if f.get("seq") not in alices)
+
+
+async def test_a_refresh_to_customer_redacts_at_once_while_others_write(tmp_path):
+    """A staff connection refreshed to a customer's token, with many `order:` channels open (each
+    checked with a read after the refresh) and another customer writing all along: every stock
+    move of the other customer after the `welcome` reaches it redacted, none whole, and the other
+    customer's `order:` channels close without another event."""
+    async with running_server(tmp_path, rate_limit=1e9, rate_burst=10**9) as (url, _, _):
+        async with session(url, "staff-1", "staff") as staff, session(url, "u1", "staff") as user, \
+                session(url, "bob") as bob:
+            await stock_up(staff, {"kibble": 100_000})
+            for i in range(15):
+                await bob.ok("place_order", f"bob-{i}", {"items": [{"sku": "kibble", "quantity": 1}]})
+                await user.subscribe(f"order:bob-{i}")
+            await user.subscribe("inventory")
+            await user.live("inventory")
+            done = trio.Event()
+
+            async def keep_ordering() -> None:
+                i = 0
+                while not done.is_set():
+                    await bob.ok("place_order", f"bob-more-{i}", {"items": [{"sku": "kibble", "quantity": 1}]})
+                    i += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_ordering)
+                await trio.sleep(0.05)
+                user.inbox.clear()
+                await user.send({"type": "auth", "token": token("u1", "customer"), "id": "refresh"})
+                frames = await user.until(lambda f: f.get("id") == "refresh", 10)
+                assert frames[-1]["role"] == "customer"  # what came before it was the staff's
+                moves = 0
+                after: list[dict] = []
+                with trio.move_on_after(5):
+                    while moves < 40:  # bob's moves after the welcome, while bob goes on ordering
+                        after.append(await user.recv(5))
+                        moves += after[-1].get("channel") == "inventory" and after[-1]["type"] in EVENT_TYPES
+                done.set()
+    assert moves == 40
+    whole = [f for f in after if f.get("channel") == "inventory" and f["type"] in EVENT_TYPES
+             and not f.get("redacted") and f["data"].get("order_id", "").startswith("bob-")]
+    assert whole == []
+    assert [f for f in after if f.get("stream", "").startswith("order:bob-")] == []
+    assert sorted(f["channel"] for f in after if f["type"] == "unsubscribed") == sorted(f"order:bob-{i}" for i in range(15))

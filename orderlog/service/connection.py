@@ -69,6 +69,7 @@ class Connection:
         self.remote = remote
         self._ended = False  # run() has returned: messages still read are dropped
         self._closing = False  # handle_fast asked for a close: messages still read are dropped
+        self._held: set[str] = set()  # `order:` channels not advanced until a refresh's check (_retarget_subscriptions)
         stream.receiver = self  # simple text messages come to handle_fast (sockets.WriterStream)
 
     # lifecycle ------------------------------------------------------------------------
@@ -179,15 +180,24 @@ class Connection:
         principal = self.principal
         assert principal is not None
         hub = self.service.hub
+        # Every channel takes the new role at once, before any await: the writer publishes
+        # meanwhile, and a customer's feed must not carry one more event of the old role. An
+        # `order:` channel stays held (neither fed nor advanced) until its order is checked.
         for name, sub in list(self.subs.items()):
             hub.detach(sub)
             sub.channel = Channel(name, principal)
             sub.redact = principal.role == Role.CUSTOMER
             if name.startswith("order:"):
+                self._held.add(name)
+        held = [(name, self.subs[name]) for name in sorted(self._held)]
+        try:
+            for name, sub in held:
                 order = await self.service.readers.run(Store.get_order, name[6:])
                 if not can_see_order(principal, order) and self.subs.get(name) is sub:
                     self.drop_subscription(name)
                     self.push(protocol.reply("unsubscribed", None, channel=name))
+        finally:
+            self._held.clear()
         self.wake()
 
     def tick(self, now: float, wall: float, interval: float) -> None:
@@ -437,7 +447,7 @@ class Connection:
                 await self.writer.drain(HIGH_WATER)
                 progressed = False
                 for sub in list(self.subs.values()):
-                    if sub.attached:
+                    if sub.attached or sub.channel.name in self._held:
                         continue
                     if not sub.live_sent and sub.cursor >= sub.live_at:
                         sub.live_sent = True
