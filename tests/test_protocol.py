@@ -107,7 +107,7 @@ async def test_id_of_64_characters_is_accepted(server):
     url, _, _ = server
     async with session(url, "alice") as client:
         reply = await client.request({"type": "ping", "id": "i" * 64})
-        assert reply == {"type": "pong", "id": "i" * 64, "head": 0}
+        assert reply == {"type": "pong", "id": "i" * 64, "head": 0, "head_hash": None}
 
 
 BAD_REQUESTS = [
@@ -290,7 +290,7 @@ async def test_requests_without_id_get_replies_without_id(server):
     url, _, _ = server
     async with session(url, "alice") as client:
         await client.send({"type": "ping"})
-        assert await client.recv() == {"type": "pong", "head": 0}
+        assert await client.recv() == {"type": "pong", "head": 0, "head_hash": None}
 
 
 # -- commands ----------------------------------------------------------------------------------
