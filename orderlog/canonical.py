@@ -102,23 +102,25 @@ def event_json(event: Event) -> dict[str, Any]:
 
 
 
-EVENT_KEYS = frozenset({"type", "seq", "stream", "version", "at", "actor", "command_id", "data", "hash"})
+# The EVENT object's keys and the JSON type of each.
+_EVENT_FIELDS = {"type": str, "seq": int, "stream": str, "version": int, "at": str, "actor": str,
+                 "command_id": str, "data": dict, "hash": str}
+_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object"}
+EVENT_KEYS = frozenset(_EVENT_FIELDS)
 
 
 def event_from_json(value: Any) -> Event:
-    """The Event of an EVENT object (a JSONL export line, a `result` entry); ValueError if it
-    is not an object with exactly the EVENT keys and their JSON types. Field values are taken as they are: checking
-    them, beyond their JSON types, is the chain's job (a changed value fails its hash)."""
+    """The Event of an EVENT object (a JSONL export line, a `result` entry).
+
+    ValueError unless it is an object with exactly the EVENT keys, each of its JSON type. The
+    values are taken as they are: checking them is the chain's job (a changed value fails its
+    hash).
+    """
     if not isinstance(value, dict) or set(value) != EVENT_KEYS:
         keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise ValueError(f"expected the keys {', '.join(sorted(EVENT_KEYS))}; got {keys}")
-    for key, kind in _EVENT_FIELD_TYPES.items():
+    for key, kind in _EVENT_FIELDS.items():
         if type(value[key]) is not kind:
-            raise ValueError(f"{key} is not a{'n' if kind in (int, dict) else ''} {_KIND_NAMES[kind]}")
+            raise ValueError(f"{key} is not {_KIND_NAMES[kind]}")
     return Event(value["seq"], value["stream"], value["version"], value["type"], value["at"], value["actor"],
                  value["command_id"], value["data"], value["hash"])
-
-
-_EVENT_FIELD_TYPES = {"seq": int, "stream": str, "version": int, "type": str, "at": str, "actor": str,
-                      "command_id": str, "data": dict, "hash": str}
-_KIND_NAMES = {int: "integer", str: "string", dict: "object"}
