@@ -262,12 +262,13 @@ def settings_from(args: argparse.Namespace, load_secret: bool = True,
         max_connections=_pick(args.max_connections, "MAX_CONNECTIONS", _positive_int, defaults.max_connections),
         rate_limit=_pick(args.rate_limit, "RATE_LIMIT", _positive_float, defaults.rate_limit),
         synchronous=synchronous,
-        **_checkpoint_settings(args, load_secret, defaults),
+        **_checkpoint_settings(args, load_secret, defaults, name),
     )
     return settings, note
 
 
-def _checkpoint_settings(args: argparse.Namespace, load_key: bool, defaults: Settings) -> dict[str, Any]:
+def _checkpoint_settings(args: argparse.Namespace, load_key: bool, defaults: Settings,
+                         name: Callable[..., str]) -> dict[str, Any]:
     """`--checkpoint-key FILE` (read only if `load_key`) and `--checkpoint-every N`."""
     from .checkpoints import load_private_key
 
@@ -275,9 +276,10 @@ def _checkpoint_settings(args: argparse.Namespace, load_key: bool, defaults: Set
     every = _pick(args.checkpoint_every, "CHECKPOINT_EVERY", _positive_int, defaults.checkpoint_every)
     if path is None:
         if args.checkpoint_every is not None or _env("CHECKPOINT_EVERY") is not None:
-            raise UsageError("--checkpoint-every goes with --checkpoint-key FILE (the key that signs)")
+            raise UsageError(f"{name('checkpoint_every')} goes with {name('checkpoint_key', 'checkpoint_every')} "
+                             "FILE (the key that signs)")
         return {}
-    return {"checkpoint_key": load_private_key(path, "--checkpoint-key") if load_key else None,
+    return {"checkpoint_key": load_private_key(path, name("checkpoint_key")) if load_key else None,
             "checkpoint_every": every}
 
 
