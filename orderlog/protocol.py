@@ -26,10 +26,10 @@ CHANNEL_RE = re.compile(r"^(orders|inventory|order:[A-Za-z0-9._-]{1,64})\Z")
 # Every client request type and the fields it may carry (besides `type` and `id`).
 REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "auth": frozenset({"token"}),
-    "subscribe": frozenset({"channel", "since", "log_id"}),
+    "subscribe": frozenset({"channel", "since", "log_id", "snapshot"}),
     "unsubscribe": frozenset({"channel"}),
     "command": frozenset({"name", "order_id", "expected_version", "data"}),
-    "get": frozenset({"order_id", "sku"}),
+    "get": frozenset({"order_id", "sku", "as_of"}),
     "query": frozenset({"filter", "limit"}),
     "ping": frozenset(),
 }
@@ -56,6 +56,7 @@ class Subscribe:
     channel: str
     since: int | None
     log_id: str | None
+    snapshot: bool = False  # v1.2: the rows as of a seq first, then the events after it
 
 
 @attrs.frozen
@@ -75,6 +76,7 @@ class Get:
     id: str | None
     order_id: str | None
     sku: str | None
+    as_of: int | None = None  # v1.2: the state right after this seq (None: now)
 
 
 @attrs.frozen
@@ -164,7 +166,13 @@ def _parse_subscribe(message: dict, request_id: str | None) -> Subscribe:
     log_id = message.get("log_id")
     if log_id is not None and not isinstance(log_id, str):
         raise ClientError(ErrorCode.BAD_REQUEST, "log_id must be a string", request_id)
-    return Subscribe(request_id, channel, since, log_id)
+    snapshot = message.get("snapshot", False)
+    if not isinstance(snapshot, bool):
+        raise ClientError(ErrorCode.BAD_REQUEST, "snapshot must be true or false", request_id)
+    if snapshot and since is not None:
+        raise ClientError(ErrorCode.BAD_REQUEST, "snapshot and since exclude each other: a snapshot is for a client that "
+                          "holds nothing; resume with since alone", request_id)
+    return Subscribe(request_id, channel, since, log_id, snapshot)
 
 
 def _parse_unsubscribe(message: dict, request_id: str | None) -> Unsubscribe:
@@ -197,7 +205,10 @@ def _parse_get(message: dict, request_id: str | None) -> Get:
     if not isinstance(value, str) or not ID_RE.match(value):
         which = "order_id" if sku is None else "sku"
         raise ClientError(ErrorCode.BAD_REQUEST, f"{which} must be 1..64 characters of [A-Za-z0-9._-]", request_id)
-    return Get(request_id, order_id, sku)
+    as_of = message.get("as_of")
+    if as_of is not None and (not _is_int(as_of) or as_of < 0):
+        raise ClientError(ErrorCode.BAD_REQUEST, "as_of must be an integer >= 0", request_id)
+    return Get(request_id, order_id, sku, as_of)
 
 
 def _parse_query(message: dict, request_id: str | None) -> Query:

@@ -295,3 +295,43 @@ def test_dashboard_on_a_refused_origin_says_how_to_allow_it(tmp_path: Path, brow
         assert not any(staff_token in line for line in console), console
     finally:
         server.stop()
+
+
+def test_dashboard_on_a_seeded_log_starts_from_snapshots(seeded_db: Path, browser) -> None:
+    """On a seeded log the dashboard shows every status count, the newest orders first and every
+    stock level (from snapshots, not a replay), and an order placed elsewhere appears live."""
+    from playwright.sync_api import expect
+
+    store = Store.open(str(seeded_db), readonly=True)
+    try:
+        state = store.stored_projections()
+    finally:
+        store.close()
+    counts = {s: sum(o.status == s for o in state.orders.values())
+              for s in ("placed", "approved", "shipped", "delivered", "cancelled")}
+    newest = sorted(state.orders.values(), key=lambda o: (o.created_at, o.order_id), reverse=True)
+    server = ServerProcess(seeded_db, free_port())
+    server.start()
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.goto(f"http://127.0.0.1:{server.port}/dashboard")
+        page.fill("#token", token("s1", "staff"))
+        page.click("#sign-in-form button[type=submit]")
+        expect(page.locator('.tile[data-status="all"] .n')).to_have_text(str(len(state.orders)))
+        for status, n in counts.items():
+            expect(page.locator(f'.tile[data-status="{status}"] .n')).to_have_text(str(n))
+        rows = page.locator("#orders tbody tr")
+        expect(rows).to_have_count(min(500, len(newest)))
+        assert [rows.nth(i).get_attribute("data-order-id") for i in range(3)] == [o.order_id for o in newest[:3]]
+        expect(page.locator("#stock tbody tr")).to_have_count(len(state.stock))
+        sku, level = sorted(state.stock.items())[0]
+        expect(page.locator(f'#stock tr[data-sku="{sku}"] td').nth(1)).to_have_text(str(level.available))
+
+        send_commands(server.url, "s1", "staff", [("add_stock", None, {"sku": "kibble", "quantity": 10}),
+                                                 ("place_order", "o-live-1", {**order(), "customer": "zoe"})])
+        expect(page.locator('tr[data-order-id="o-live-1"]')).to_have_attribute("data-status", "placed")
+        expect(page.locator('.tile[data-status="all"] .n')).to_have_text(str(len(state.orders) + 1))
+        expect(page.locator('#stock tr[data-sku="kibble"] td').nth(1)).to_have_text("8")
+    finally:
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from contextlib import asynccontextmanager
@@ -186,3 +187,51 @@ async def test_refused_token_raises_and_stops(tmp_path: Path) -> None:
             async with connect(url, token("alice", secret="not-the-server-secret-0123456789-abc"), **FAST):
                 pass
         assert isinstance(caught.value, OrderlogError) and "invalid token" in str(caught.value)
+
+
+async def test_snapshot_then_resume_after_a_restart(tmp_path: Path) -> None:
+    """subscribe(snapshot=True) yields the rows as of N, then the events; after a restart it
+    resumes from the last seq (no second snapshot) with what it missed."""
+    db, port = tmp_path / "orderlog.db", free_port()
+    async with server_on(db, port) as url:
+        await stock(url)
+        async with connect(url, token("s1", "staff"), **FAST) as client:
+            await client.command("place_order", order_id="o-1", data={"items": [{"sku": "kibble", "quantity": 1}]})
+    async with trio.open_nursery() as nursery:
+        stopped, restarted = trio.Event(), trio.Event()
+        nursery.start_soon(server_twice, db, port, stopped, restarted, "o-while-down")
+        await trio.sleep(0.2)
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", token("s1", "staff"), **FAST) as client:
+            items = client.subscribe("orders", snapshot=True).__aiter__()
+            [frame] = await next_events(items, 1)
+            assert frame["type"] == "snapshot" and frame["last"] and frame["total"] == 1
+            assert [r["order_id"] for r in frame["rows"]] == ["o-1"]
+            await client.command("place_order", order_id="o-2", data={"items": [{"sku": "kibble", "quantity": 1}]})
+            created = await next_events(items, 1)
+            assert created[0]["stream"] == "order:o-2" and created[0]["prev"] == frame["seq"]
+            stopped.set()
+            with trio.fail_after(TIMEOUT):
+                await restarted.wait()
+            got = await next_events(items, 1)
+            assert got[0]["stream"] == "order:o-while-down" and got[0]["prev"] == created[0]["seq"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tail_snapshot_prints_the_rows_then_the_events(tmp_path: Path) -> None:
+    """`orderlog tail --snapshot` prints {"stock": ROW} lines first, then the events after them."""
+    from orderlog.client import tail
+
+    db, port = tmp_path / "orderlog.db", free_port()
+    async with server_on(db, port) as url:
+        await stock(url)
+        lines: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tail, url, token("a", "auditor"), "inventory", None, lines.append, lambda _: None, 1, True)
+            with trio.fail_after(TIMEOUT):
+                while not lines:
+                    await trio.sleep(0.01)
+            await stock(url, 5)
+        first, event = map(json.loads, lines)
+        assert first == {"stock": {"sku": "kibble", "name": None, "available": 50, "reserved": 0, "version": 1,
+                                   "last_seq": 1}}
+        assert event["type"] == "stock-added" and event["prev"] == 1 and event["data"]["quantity"] == 5

@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLite's synchronous setting for the writes (default FULL: durable at every commit)")
     p.set_defaults(func=cmd_seed)
 
-    from . import checkpoints, service
+    from . import checkpoints, service, state
+
+    state.register(subparsers, db, _non_negative)
 
     checkpoints.register(subparsers, db)
     service.register(subparsers)

@@ -487,6 +487,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     token = args.token or _env("TOKEN")
     if not token:
         raise UsageError("tail needs --token (or ORDERLOG_TOKEN)")
+    if args.snapshot and args.since is not None:
+        raise UsageError("--snapshot and --since exclude each other (--since resumes; --snapshot starts afresh)")
 
     def emit(line: str) -> None:
         print(line, flush=True)
@@ -495,7 +497,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         print(f"orderlog tail: {line}", file=sys.stderr, flush=True)
 
     try:
-        return trio.run(partial(tail, args.url, token, args.channel, args.since, emit, note, args.count))
+        return trio.run(partial(tail, args.url, token, args.channel, args.since, emit, note, args.count,
+                                args.snapshot))
     except BrokenPipeError:
         return 0
 
@@ -589,6 +592,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                       help="replay events after this seq first (default: live only)")
     tail.add_argument("--count", type=_arg(_positive_int), metavar="N", help="exit after N events")
     tail.add_argument("--db", help=argparse.SUPPRESS)  # refused with a pointer to `events`
+    tail.add_argument("--snapshot", action="store_true",
+                      help="print the channel's rows as of the head first ({\"order\": ROW} or {\"stock\": ROW} "
+                      "lines, as `orderlog state` prints them), then the events after it")
     tail.set_defaults(func=cmd_tail)
 
     subparsers.add_parser(

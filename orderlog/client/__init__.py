@@ -4,6 +4,9 @@
         ack = await c.command("place_order", order_id="o-1", data={"items": [{"sku": "kibble", "quantity": 1}]})
         async for event in c.subscribe("orders", since=0):
             print(event["seq"], event["type"])
+        async for item in c.subscribe("orders", snapshot=True):  # the rows as of N, then the events
+            if item["type"] == "snapshot":
+                rows = item["rows"]
 
 It reconnects on its own with exponential backoff and jitter (`backoff_delay`: the n-th wait in
 a row is drawn between half and all of min(30 s, 1 s x 2^(n-1)), so 0.5-1 s, 1-2 s, 2-4 s, ...
@@ -67,8 +70,10 @@ class _Pending:
 
 
 class _Subscription:
-    def __init__(self, channel: str, since: int | None, request_id: str):
+    def __init__(self, channel: str, since: int | None, request_id: str, snapshot: bool = False):
         self.channel = channel
+        self.snapshot = snapshot and since is None  # start from the rows as of a seq (v1.2)
+        self.snapshot_seq: int | None = None  # the seq of the snapshot being received
         self.request_id = request_id
         self.last: int | None = since  # the last seq delivered to the caller (None: live only, until `subscribed`)
         self.resubscribing = False  # a resubscribe after a hole is on its way: wait for its `subscribed`
@@ -133,11 +138,20 @@ class Client:
             raise OrderlogError(reply.get("code", ErrorCode.INTERNAL), reply.get("message", ""), reply.get("details"))
         return reply
 
-    async def subscribe(self, channel: str, since: int | None = None) -> AsyncIterator[dict]:
-        """The channel's events, in seq order without gap or duplicate, across reconnects."""
+    async def subscribe(self, channel: str, since: int | None = None, snapshot: bool = False) -> AsyncIterator[dict]:
+        """The channel's events, in seq order without gap or duplicate, across reconnects.
+
+        With `snapshot` (and no `since`): first the `snapshot` frames (dicts of type "snapshot",
+        their `rows` the channel's rows as of their `seq` N), then the events after N. A frame
+        that carries `total` starts a snapshot: if the connection broke before the `last` frame,
+        the snapshot starts over after the reconnect, and the caller drops the rows it had.
+        Once it is complete, a reconnect resumes from the last seq, as with `since`.
+        """
         if channel in self._subs:
             raise ValueError(f"already subscribed to {channel}")
-        sub = _Subscription(channel, since, f"{SUB_ID}{next(self._ids)}")
+        if snapshot and since is not None:
+            raise ValueError("snapshot and since exclude each other")
+        sub = _Subscription(channel, since, f"{SUB_ID}{next(self._ids)}", snapshot)
         self._subs[channel] = sub
         try:
             await self._send_if_connected(self._subscribe_frame(sub))
@@ -163,6 +177,9 @@ class Client:
             frame["since"] = sub.last
             if self.log_id is not None:
                 frame["log_id"] = self.log_id
+        elif sub.snapshot:
+            frame["snapshot"] = True
+            sub.snapshot_seq = None
         return frame
 
     async def _send_if_connected(self, frame: dict) -> None:
@@ -241,12 +258,17 @@ class Client:
             if "seq" in message and "prev" in message and channel is not None:
                 await self._deliver(ws, message)
                 continue
+            if kind == "snapshot":
+                await self._snapshot_frame(message)
+                continue
             request_id = message.get("id")
             if isinstance(request_id, str) and request_id.startswith(SUB_ID):
                 sub = next((s for s in self._subs.values() if s.request_id == request_id), None)
                 if kind == "subscribed" and sub is not None:
                     sub.resubscribing = False
-                    if sub.last is None:
+                    if message.get("snapshot") is True:
+                        sub.snapshot_seq = message.get("since")  # rows first; `last` once they are all here
+                    elif sub.last is None:
                         # Live only: the feed starts after `since` (the head), so a reconnect
                         # before the first event must resume from there, not from a new head.
                         sub.last = message.get("since")
@@ -265,9 +287,20 @@ class Client:
             elif kind == "error":
                 log.warning("server error: %s %s", message.get("code"), message.get("message"))
 
+    async def _snapshot_frame(self, frame: dict) -> None:
+        sub = self._subs.get(frame["channel"])
+        if sub is None or sub.last is not None or sub.snapshot_seq != frame.get("seq"):
+            return
+        if frame.get("last"):
+            sub.last = frame["seq"]  # complete: from now on, resume after it
+        try:
+            await sub.send.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._subs.pop(sub.channel, None)
+
     async def _deliver(self, ws, event: dict) -> None:
         sub = self._subs.get(event["channel"])
-        if sub is None:
+        if sub is None or sub.last is None:
             return
         seq, prev = event["seq"], event["prev"]
         if sub.last is not None and seq <= sub.last:
@@ -336,12 +369,23 @@ def _single(group: BaseExceptionGroup) -> BaseException:
 
 
 async def tail(url: str, token: str, channel: str, since: int | None, emit: Callable[[str], None],
-               note: Callable[[str], None], count: int | None = None) -> int:
-    """`orderlog tail`: print the channel's events as JSON lines; 0 when done, 1 on a refusal."""
+               note: Callable[[str], None], count: int | None = None, snapshot: bool = False) -> int:
+    """`orderlog tail`: print the channel's events as JSON lines; 0 when done, 1 on a refusal.
+
+    With `snapshot`, the rows as of a seq come first, one `{"order": ROW}` or `{"stock": ROW}`
+    line each (the lines of `orderlog state`), then the events after that seq (`count` counts
+    events only)."""
     printed = 0
+    kind = "stock" if channel == "inventory" else "order"
     try:
         async with connect(url, token, on_status=note) as client:
-            async for event in client.subscribe(channel, since):
+            async for event in client.subscribe(channel, since, snapshot=snapshot):
+                if event["type"] == "snapshot":
+                    if "total" in event:
+                        note(f"snapshot of {channel} as of seq {event['seq']}: {event['total']} rows")
+                    for row in event["rows"]:
+                        emit(json.dumps({kind: row}, ensure_ascii=False, separators=(",", ":")))
+                    continue
                 emit(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
                 printed += 1
                 if count is not None and printed >= count:

@@ -16,7 +16,8 @@ from ..canonical import event_json
 from ..domain import ErrorCode, Principal, Rejected, Role, authorize, can_see_order, validate
 from ..feed import Channel, channel_frames
 from ..records import Ack, Request
-from ..store import Store
+from ..snapshot import SnapshotPager
+from ..store import Store, snapshots
 from ..wire import text_frame
 from .hub import Subscription
 from .metrics import channel_kind
@@ -57,6 +58,7 @@ class Connection:
         self.principal: Principal | None = None
         self.expires_at = 0.0
         self.subs: dict[str, Subscription] = {}
+        self.snapshots: dict[str, trio.CancelScope] = {}  # channels whose snapshot is being sent
         self.inflight = 0
         self._space = trio.Event()
         self._sending = False  # the send loop runs (only while some subscription is catching up)
@@ -180,6 +182,9 @@ class Connection:
         principal = self.principal
         assert principal is not None
         hub = self.service.hub
+        for name in list(self.snapshots):  # rows read for the old role: that snapshot is void
+            self.drop_subscription(name)
+            self.push(protocol.reply("unsubscribed", None, channel=name))
         # Every channel takes the new role at once, before any await: the writer publishes
         # meanwhile, and a customer's feed must not carry one more event of the old role. An
         # `order:` channel stays held (neither fed nor advanced) until its order is checked.
@@ -286,9 +291,13 @@ class Connection:
             await self._space.wait()
 
     def drop_subscription(self, channel: str) -> bool:
+        sending = self.snapshots.pop(channel, None)
+        if sending is not None:
+            sending.cancel()
+            self.service.metrics.subscriptions.labels(channel_kind(channel)).dec()
         sub = self.subs.pop(channel, None)
         if sub is None:
-            return False
+            return sending is not None
         self.service.hub.detach(sub)
         self.service.metrics.subscriptions.labels(channel_kind(channel)).dec()
         return True
@@ -400,9 +409,14 @@ class Connection:
             raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, f"since {request.since} is beyond the head {head}: this "
                                        "log is not the one you read; start over from since 0", request.id,
                                        {"log_id": service.log_id, "head": head})
-        if request.channel not in self.subs and len(self.subs) >= service.settings.max_subscriptions:
+        open_channels = len(self.subs) + len(self.snapshots)
+        if request.channel not in self.subs and request.channel not in self.snapshots \
+                and open_channels >= service.settings.max_subscriptions:
             raise protocol.ClientError(ErrorCode.RATE_LIMITED, f"at most {service.settings.max_subscriptions} subscriptions "
                                        "per connection", request.id)
+        if request.snapshot:
+            await self._subscribe_snapshot(request, principal)
+            return
         since = head if request.since is None else request.since
         self.drop_subscription(request.channel)
         self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=since, head=head))
@@ -410,15 +424,71 @@ class Connection:
         service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
         self.wake()
 
+    async def _subscribe_snapshot(self, request: protocol.Subscribe, principal: Principal) -> None:
+        """`subscribe` with `snapshot: true`: the rows as of N (the head one read transaction saw),
+        then the events after N as for `since: N`. The first page is read here; the others, and
+        the switch to the feed, in a task of the connection (`_send_snapshot`)."""
+        channel = Channel(request.channel, principal)
+        seq, total, rows, more = await self.service.readers.run(snapshots.first_page, channel,
+                                                                  self.service.settings.snapshot_page)
+        self.drop_subscription(request.channel)
+        self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=seq, head=seq,
+                                 snapshot=True))
+        scope = trio.CancelScope()
+        self.snapshots[request.channel] = scope
+        self.service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
+        pager = SnapshotPager(request.channel, seq, total)
+        self._write_snapshot(pager.add_pieces(rows))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guard, lambda: self._send_snapshot(scope, channel, pager, seq, more), False)
+
+    def _write_snapshot(self, frames: list[bytes]) -> None:
+        if frames:
+            self.write_frames([text_frame(f) for f in frames])
+
+    async def _send_snapshot(self, scope: trio.CancelScope, channel: Channel, pager: SnapshotPager, seq: int,
+                             more: str | None) -> None:
+        """The rest of a snapshot, a page at a time as the socket drains (so memory holds one page,
+        and no read transaction stays open while the client is slow); then the subscription
+        from `since: N`, once the hub has published N."""
+        name = channel.name
+        with scope:
+            while more is not None:
+                # The next page is read while the socket sends the last one; then written once
+                # the socket's queue is under HIGH_WATER.
+                rows, more = await self.service.readers.run(snapshots.read_page, channel, seq, more,
+                                                            self.service.settings.snapshot_page)
+                await self.writer.drain(HIGH_WATER)
+                self._write_snapshot(pager.add_pieces(rows))
+            self._write_snapshot([pager.finish()])
+            await self.service.hub.reached(seq)
+            if self.snapshots.get(name) is not scope:
+                return
+            del self.snapshots[name]
+            # `live` once the events up to today's head have followed (>= N, which `subscribed` said).
+            self.subs[name] = Subscription(self, channel, seq, seq, self.service.hub.head)
+            self.wake()
+
     async def _get(self, request: protocol.Get, principal: Principal) -> None:
         readers = self.service.readers
+        as_of = request.as_of
+        head = self.service.hub.head
+        if as_of is not None and as_of > head:
+            raise protocol.ClientError(ErrorCode.BAD_REQUEST, f"as_of {as_of} is beyond the head {head}", request.id,
+                                       {"head": head})
         if request.order_id is not None:
-            order = await readers.run(Store.get_order, request.order_id)
+            if as_of is None:
+                order = await readers.run(Store.get_order, request.order_id)
+            else:
+                order = await readers.run(snapshots.order_at, request.order_id, as_of)
             if not can_see_order(principal, order):
                 raise protocol.ClientError(ErrorCode.NOT_FOUND, f"order {request.order_id!r} not found", request.id)
             self.push(protocol.reply("order", request.id, order=order.to_json()))
         else:
-            stock = await readers.run(Store.get_stock, request.sku)
+            if as_of is None:
+                stock = await readers.run(Store.get_stock, request.sku)
+            else:
+                stock = await readers.run(snapshots.stock_at, request.sku, as_of)
             if stock is None:
                 raise protocol.ClientError(ErrorCode.NOT_FOUND, f"sku {request.sku!r} not found", request.id)
             self.push(protocol.reply("stock", request.id, stock=stock.to_json()))

@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import attrs
+import trio
 
 from ..domain import Role
 from ..feed import Channel, FeedEvent, Window
@@ -54,6 +55,15 @@ class Hub:
         self.customer_orders: dict[str, set[Subscription]] = {}
         self.inventory: set[Subscription] = set()
         self.streams: dict[str, set[Subscription]] = {}
+        self._waiters: list[tuple[int, trio.Event]] = []  # (seq, set once the head reaches it)
+
+    async def reached(self, seq: int) -> None:
+        """Return once the head is >= seq (a reader may see a commit before it is published)."""
+        if self.head >= seq:
+            return
+        event = trio.Event()
+        self._waiters.append((seq, event))
+        await event.wait()
 
     @property
     def head(self) -> int:
@@ -94,6 +104,12 @@ class Hub:
             return
         self.window.append(events)
         self.head_hash = events[-1].hash
+        if self._waiters:
+            head = self.head
+            for seq, event in self._waiters:
+                if seq <= head:
+                    event.set()
+            self._waiters = [(seq, event) for seq, event in self._waiters if seq > head]
         out: dict[Connection, list[bytes]] = {}
         sizes: dict[Connection, int] = {}
         staff, inventory, streams, customers = self.staff_orders, self.inventory, self.streams, self.customer_orders

@@ -35,3 +35,4 @@ class Settings:
     window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
     checkpoint_key: Any = None  # an Ed25519 private key: sign a checkpoint every `checkpoint_every` events
     checkpoint_every: int = 1000
+    snapshot_page: int = 4000  # projection rows read per step of a snapshot (one short read each 1,000)

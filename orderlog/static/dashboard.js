@@ -1,5 +1,7 @@
-// The live dashboard: orders and stock folded from `subscribe orders/inventory since 0`,
-// kept current by orderlog.js (which reconnects and resumes on its own).
+// The live dashboard: orders and stock from a snapshot of `orders` and `inventory` (the rows
+// as of a seq, PROTOCOL.md section 6), then folded from the events after it; kept current by
+// orderlog.js, which reconnects and resumes from the last seq on its own (a new snapshot only
+// when it holds nothing, or after resync_required).
 import { OrderlogClient, defaultUrl } from "/orderlog.js";
 
 const TOKEN_KEY = "orderlog.token"; // sessionStorage: this tab only, never the URL
@@ -40,12 +42,12 @@ function foldOrder(event) {
     const d = event.data;
     order = {
       order_id: id, customer: d.customer, items: d.items || [], ship_to: d.ship_to, note: d.note,
-      status: "placed", created_seq: event.seq, created_at: event.at,
+      status: "placed", created_at: event.at,
     };
     orders.set(id, order);
     order.flash = live.orders;
   } else if (!order) {
-    return; // cannot happen with since 0: every order starts with order-created
+    return; // cannot happen: the snapshot or an order-created came first
   } else if (event.type === "order-updated") {
     Object.assign(order, event.data);
   } else if (NEW_STATUS[event.type]) {
@@ -55,6 +57,20 @@ function foldOrder(event) {
   order.version = event.version;
   order.last_seq = event.seq;
   order.updated_at = event.at;
+}
+
+// A snapshot frame of `orders`: its rows are `order` shapes. The first frame (it carries
+// `total`) starts the snapshot: whatever an unfinished earlier one gave is dropped.
+function takeOrderRows(rows, frame) {
+  if (frame.total !== undefined) orders = new Map();
+  for (const row of rows) orders.set(row.order_id, row);
+  scheduleRender();
+}
+
+function takeStockRows(rows, frame) {
+  if (frame.total !== undefined) stock = new Map();
+  for (const row of rows) stock.set(row.sku, row);
+  scheduleRender();
 }
 
 function foldStock(event) {
@@ -115,7 +131,8 @@ function start(token) {
 
 function subscribeOrders() {
   client.subscribe("orders", {
-    since: 0,
+    snapshot: true,
+    onSnapshot: takeOrderRows,
     onEvent: (event) => {
       foldOrder(event);
       noteActivity(event);
@@ -131,7 +148,8 @@ function subscribeOrders() {
 
 function subscribeInventory() {
   client.subscribe("inventory", {
-    since: 0,
+    snapshot: true,
+    onSnapshot: takeStockRows,
     onEvent: (event) => {
       foldStock(event);
       if (event.type === "stock-added") noteActivity(event);
@@ -150,7 +168,7 @@ function restartChannel(error, channel) {
     toast(`${channel}: ${error.message}`);
     return;
   }
-  // The server holds another log than the one we folded: start over from seq 0.
+  // The server holds another log than the one we folded: start over from a snapshot.
   toast("The server's log changed: reloading everything.");
   if (channel === "orders") {
     orders = new Map();
@@ -229,21 +247,60 @@ async function checkOrigin() {
 
 // -- rendering -----------------------------------------------------------------------------
 
+let renderMs = 0; // how long the last render took: renders never take more than a third of the time
+
 function scheduleRender() {
-  if (renderTimer === null) renderTimer = setTimeout(render, RENDER_DELAY_MS);
+  if (renderTimer === null) renderTimer = setTimeout(render, Math.max(RENDER_DELAY_MS, 2 * renderMs));
 }
 
 function render() {
+  const started = performance.now();
   renderTimer = null;
-  renderTiles();
-  renderOrders();
+  const view = scan();
+  renderTiles(view.counts);
+  renderOrders(view);
   renderStock();
   renderActivity();
+  renderMs = performance.now() - started;
 }
 
-function renderTiles() {
+// Newest first: by creation time, then by order id (a snapshot row carries no creation seq).
+function newer(a, b) {
+  if (a.created_at !== b.created_at) return a.created_at > b.created_at;
+  return a.order_id > b.order_id;
+}
+
+// One pass over every order: the count per status, how many match the filter, and the newest
+// MAX_ROWS of those. Candidates newer than the oldest kept gather in a buffer that is sorted and
+// cut back to MAX_ROWS whenever it holds 4 x MAX_ROWS (orders arrive about oldest first, so
+// nearly every one is a candidate): O(orders x log MAX_ROWS), never a sort of them all.
+function scan() {
   const counts = Object.fromEntries(STATUSES.map((s) => [s, 0]));
-  for (const o of orders.values()) counts[o.status] = (counts[o.status] || 0) + 1;
+  let newest = [];
+  let oldestKept = null;
+  let matching = 0;
+  for (const o of orders.values()) {
+    counts[o.status] = (counts[o.status] || 0) + 1;
+    if (!matches(o)) continue;
+    matching++;
+    if (oldestKept !== null && !newer(o, oldestKept)) continue;
+    newest.push(o);
+    if (newest.length >= 4 * MAX_ROWS) {
+      newest.sort(newestFirst);
+      newest.length = MAX_ROWS;
+      oldestKept = newest[MAX_ROWS - 1];
+    }
+  }
+  newest.sort(newestFirst);
+  if (newest.length > MAX_ROWS) newest.length = MAX_ROWS;
+  return { counts, newest, matching };
+}
+
+function newestFirst(a, b) {
+  return newer(a, b) ? -1 : newer(b, a) ? 1 : 0;
+}
+
+function renderTiles(counts) {
   const tiles = [["all", orders.size], ...STATUSES.map((s) => [s, counts[s]])];
   const box = $("tiles");
   box.replaceChildren(
@@ -270,9 +327,7 @@ function matches(order) {
   return hay.includes(filter.text);
 }
 
-function renderOrders() {
-  const all = [...orders.values()].filter(matches).sort((a, b) => b.created_seq - a.created_seq);
-  const shown = all.slice(0, MAX_ROWS);
+function renderOrders({ newest: shown, matching }) {
   const body = $("orders").tBodies[0];
   const keep = new Set();
   let previous = null;
@@ -307,8 +362,8 @@ function renderOrders() {
   $("orders-empty").hidden = shown.length > 0;
   $("orders-empty").textContent = orders.size ? "No order matches the filter." : "No orders yet.";
   const more = $("orders-more");
-  more.hidden = all.length <= MAX_ROWS;
-  more.textContent = `Showing the newest ${MAX_ROWS} of ${all.length} orders.`;
+  more.hidden = matching <= MAX_ROWS;
+  more.textContent = `Showing the newest ${MAX_ROWS} of ${matching} orders.`;
 }
 
 function fillOrderRow(tr, order) {

@@ -6,6 +6,8 @@
  *     onStatus: (s) => console.log(s.text),           // connected / reconnecting in 3 s / resumed from seq 41
  *   });
  *   client.subscribe("orders", { since: 0, onEvent: (e) => console.log(e.seq, e.type) });
+ *   // or start from the projection: the rows as of a seq N, then the events after N (v1.2)
+ *   client.subscribe("orders", { snapshot: true, onSnapshot: (rows, frame) => ..., onEvent: ... });
  *   client.start();
  *   const ack = await client.command("place_order", { orderId: "o-1", data: { items: [{ sku: "kibble", quantity: 1 }] } });
  *
@@ -20,6 +22,10 @@
  * The token goes in a first `auth` message, not in the URL, so it does not end up in proxy logs
  * or the browser's console. `{tokenInUrl: true}` sends it as `?token=` instead (for a server
  * that wants it in the handshake).
+ *
+ * Fast on big replays: a burst of WebSocket messages is queued as it arrives and handled in
+ * one task (parse, check, deliver), and an "event" DOM event is built only when someone
+ * listens for it.
  *
  * Events (the client is an EventTarget; each also has a callback option):
  *   "status"  detail {state, text, ...}   state: connecting | connected | resumed | reconnecting | unauthorized | closed;
@@ -68,6 +74,9 @@ class Subscription {
     this.onLive = options.onLive || null;
     this.onError = options.onError || null;
     this.onSubscribed = options.onSubscribed || null;
+    this.onSnapshot = options.onSnapshot || null;
+    this.snapshot = Boolean(options.snapshot) && since === null; // start from the projection
+    this.snapshotSeq = null; // the seq of the snapshot being received
     this.resubscribing = false; // a resubscribe is on its way: ignore events until it is answered
     this.resumed = false; // the next `subscribed` answers a resubscribe after a reconnect
   }
@@ -108,6 +117,23 @@ export class OrderlogClient extends EventTarget {
     this._subs = new Map(); // channel -> Subscription
     this._pending = new Map(); // request id -> {frame, resolve, reject}
     this._nextId = 1;
+    this._inbox = []; // messages of the current burst, handled together (_drain)
+    this._draining = false;
+    this._eventListeners = 0; // "event" listeners: no CustomEvent per event without one
+    const channel = typeof MessageChannel === "function" ? new MessageChannel() : null;
+    this._wakeDrain = channel
+      ? ((channel.port1.onmessage = () => this._drain()), () => channel.port2.postMessage(0))
+      : () => setTimeout(() => this._drain(), 0);
+  }
+
+  addEventListener(type, listener, options) {
+    if (type === "event") this._eventListeners++;
+    super.addEventListener(type, listener, options);
+  }
+
+  removeEventListener(type, listener, options) {
+    if (type === "event") this._eventListeners = Math.max(0, this._eventListeners - 1);
+    super.removeEventListener(type, listener, options);
   }
 
   // -- lifecycle -----------------------------------------------------------------------
@@ -126,6 +152,7 @@ export class OrderlogClient extends EventTarget {
     this._stopped = true;
     clearTimeout(this._timer);
     this._timer = null;
+    this._inbox = []; // nothing more is delivered
     const ws = this._ws;
     this._ws = null;
     this._ready = false;
@@ -152,7 +179,11 @@ export class OrderlogClient extends EventTarget {
 
   /**
    * Subscribe to a channel (`orders`, `inventory` or `order:<id>`) after seq `since`
-   * (omit it for live only). Callbacks: onEvent(event), onLive(seq), onSubscribed(reply),
+   * (omit it for live only), or with `snapshot: true` (no `since`): the rows as of a seq N
+   * first (onSnapshot(rows, frame), called per `snapshot` frame; a frame that carries `total`
+   * starts a snapshot: drop what an unfinished earlier one gave), then the events after N.
+   * After a reconnect it resumes from the last seq delivered (a snapshot again only if the
+   * first one was not complete). Callbacks: onEvent(event), onLive(seq), onSubscribed(reply),
    * onError(OrderlogError): a refused subscribe, e.g. resync_required, ends the subscription.
    */
   subscribe(channel, options = {}) {
@@ -220,11 +251,17 @@ export class OrderlogClient extends EventTarget {
       if (!this.tokenInUrl && ws === this._ws) ws.send(JSON.stringify({ type: "auth", token: this.token }));
     };
     ws.onmessage = (message) => {
-      if (ws === this._ws) this._receive(message.data);
+      if (ws !== this._ws) return;
+      this._inbox.push(message.data);
+      if (!this._draining) {
+        this._draining = true;
+        this._wakeDrain();
+      }
     };
     ws.onerror = () => {}; // a close event always follows
     ws.onclose = (close) => {
       if (ws !== this._ws) return;
+      this._drain(); // what came before the close, first
       this._ws = null;
       this._ready = false;
       if (close.code === UNAUTHORIZED) {
@@ -262,8 +299,20 @@ export class OrderlogClient extends EventTarget {
     if (sub.last !== null) {
       frame.since = sub.last;
       if (this.logId !== null) frame.log_id = this.logId;
+    } else if (sub.snapshot) {
+      frame.snapshot = true;
+      sub.snapshotSeq = null;
     }
     return frame;
+  }
+
+  /** Handle the messages queued since the last turn, in order, in this one task. */
+  _drain() {
+    this._draining = false;
+    const inbox = this._inbox;
+    if (!inbox.length) return;
+    this._inbox = [];
+    for (let i = 0; i < inbox.length; i++) this._receive(inbox[i]);
   }
 
   _send(frame) {
@@ -281,8 +330,12 @@ export class OrderlogClient extends EventTarget {
     }
     if (message === null || typeof message !== "object") return;
     const { type } = message;
-    if (typeof message.seq === "number" && "prev" in message && typeof message.channel === "string") {
+    if (message.prev !== undefined && typeof message.seq === "number" && typeof message.channel === "string") {
       this._deliver(message);
+      return;
+    }
+    if (type === "snapshot") {
+      this._snapshotFrame(message);
       return;
     }
     if (type === "welcome") {
@@ -344,7 +397,8 @@ export class OrderlogClient extends EventTarget {
     }
     if (message.type !== "subscribed") return;
     sub.resubscribing = false;
-    if (sub.last === null) sub.last = message.since; // live only: resume from here later
+    if (message.snapshot === true) sub.snapshotSeq = message.since; // rows first; `last` once they are all here
+    else if (sub.last === null) sub.last = message.since; // live only: resume from here later
     if (sub.onSubscribed) sub.onSubscribed(message);
     if (sub.resumed) {
       sub.resumed = false;
@@ -358,9 +412,16 @@ export class OrderlogClient extends EventTarget {
     }
   }
 
+  _snapshotFrame(frame) {
+    const sub = this._subs.get(frame.channel);
+    if (!sub || sub.last !== null || sub.snapshotSeq !== frame.seq) return;
+    if (sub.onSnapshot) sub.onSnapshot(frame.rows, frame);
+    if (frame.last) sub.last = frame.seq; // complete: from now on, resume after it
+  }
+
   _deliver(event) {
     const sub = this._subs.get(event.channel);
-    if (!sub) return;
+    if (!sub || sub.last === null) return;
     if (sub.last !== null && event.seq <= sub.last) return; // a duplicate after a resubscribe
     if (sub.last !== null && event.prev !== sub.last) {
       // A hole that may hide an event meant for us: resume from what we hold.
@@ -372,7 +433,7 @@ export class OrderlogClient extends EventTarget {
     }
     sub.last = event.seq;
     if (sub.onEvent) sub.onEvent(event);
-    this.dispatchEvent(new CustomEvent("event", { detail: event }));
+    if (this._eventListeners) this.dispatchEvent(new CustomEvent("event", { detail: event }));
   }
 
   _rejectAll(error) {
