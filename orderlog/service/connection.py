@@ -456,8 +456,8 @@ class Connection:
             while more is not None:
                 # The next page is read while the socket sends the last one; then written once
                 # the socket's queue is under HIGH_WATER.
-                rows, more = await self.service.readers.run(snapshots.read_page, channel, seq, more,
-                                                            self.service.settings.snapshot_page)
+                rows, more = await self.service.readers.run_bulk(snapshots.read_page, channel, seq, more,
+                                                                 self.service.settings.snapshot_page)
                 await self.writer.drain(HIGH_WATER)
                 self._write_snapshot(pager.add_pieces(rows))
             self._write_snapshot([pager.finish()])

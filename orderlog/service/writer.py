@@ -35,6 +35,9 @@ class Readers:
         self._free = [Store.open(path, readonly=True) for _ in range(count)]
         self._all = list(self._free)
         self._limiter = trio.CapacityLimiter(count)
+        # Bulk reads (snapshot steps) take turns on all but one reader, so that gets, queries and
+        # catch-up pages always find one free whatever the number of snapshots being sent.
+        self._bulk = trio.CapacityLimiter(max(1, count - 1))
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._limiter:
@@ -43,6 +46,11 @@ class Readers:
                 return await trio.to_thread.run_sync(fn, store, *args)
             finally:
                 self._free.append(store)
+
+    async def run_bulk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`run`, for a long series of reads (a snapshot's steps): at most count - 1 at a time."""
+        async with self._bulk:
+            return await self.run(fn, *args)
 
     def close(self) -> None:
         for store in self._all:
