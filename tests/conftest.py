@@ -1,8 +1,10 @@
-"""Shared fixtures: a database path in tmp_path and a runner for the real `orderlog` command."""
+"""Shared fixtures: a database path in tmp_path, a runner for the real `orderlog` command, and
+Debian's chromium for the browser tests (installed with apt-get on first use when missing)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,49 @@ def seeded_db(seeded_template: Path, db_path: Path) -> Path:
         if source.exists():
             Path(str(db_path) + suffix).write_bytes(source.read_bytes())
     return db_path
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_PACKAGE = "chromium"  # Debian's; Playwright's own browser download cannot work on this machine kind
+APT_TIMEOUT = 900  # seconds for `apt-get update` and the install together (about 1 to 3 min here)
+
+
+@pytest.fixture(scope="session")
+def chromium(pytestconfig: pytest.Config) -> str:
+    """The path of Debian's chromium; when it is missing, `apt-get install chromium` (as root).
+
+    So that the README's one test command works on a fresh machine of this kind: only the tests
+    that use a browser pay for the install, once. Not root, or no apt-get: the test fails with
+    what to run, never skips.
+    """
+    if not os.access(CHROMIUM, os.X_OK):
+        _install_chromium(pytestconfig)
+    return CHROMIUM
+
+
+def _install_chromium(pytestconfig: pytest.Config) -> None:
+    apt_get = shutil.which("apt-get")
+    if apt_get is None or os.geteuid() != 0:
+        pytest.fail(f"the browser tests need Debian's {CHROMIUM_PACKAGE} at {CHROMIUM}; the test suite installs it "
+                    f"itself when it runs as root on a machine with apt-get. Here, run once: "
+                    f"sudo apt-get update && sudo apt-get install -y {CHROMIUM_PACKAGE}", pytrace=False)
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # said on the terminal now, not in a captured section
+            reporter.write_line(f"conftest: {CHROMIUM} is missing: apt-get install {CHROMIUM_PACKAGE} "
+                                "(once, 1 to 3 min)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=300"]  # another apt-get may hold the lock for a while
+    try:
+        for step in ([apt_get, *lock, "update"], [apt_get, *lock, "install", "-y", CHROMIUM_PACKAGE]):
+            done = subprocess.run(step, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=APT_TIMEOUT)
+            if done.returncode != 0:
+                pytest.fail(f"`{' '.join(step)}` failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}",
+                            pytrace=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`{' '.join(exc.cmd)}` took more than {APT_TIMEOUT} s", pytrace=False)
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"apt-get installed {CHROMIUM_PACKAGE} but {CHROMIUM} is still missing (a damaged install? "
+                    f"apt-get install --reinstall {CHROMIUM_PACKAGE})", pytrace=False)

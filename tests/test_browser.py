@@ -8,7 +8,6 @@ again on the same port and database while the page stays open. Orders are placed
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -29,7 +28,6 @@ from orderlog.store import Store
 
 from conftest import cli_env
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -127,13 +125,12 @@ def order(sku: str = "kibble", quantity: int = 2) -> dict:
 
 
 @pytest.fixture
-def browser():
-    """A headless Debian chromium under Playwright (the test fails if it is missing)."""
+def browser(chromium: str):
+    """A headless Debian chromium under Playwright (conftest's `chromium` installs it when missing)."""
     from playwright.sync_api import sync_playwright
 
-    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: .ci/run installs Debian's chromium"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=30_000)
         try:
             yield browser
         finally:
