@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
+
+import frameschema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +23,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+@pytest.fixture(autouse=True)
+def frames_conform_to_asyncapi() -> Iterator[None]:
+    """Every frame a test read through tests/wsclient.py conforms to docs/asyncapi.yaml (checked
+    when the test ends, so that checking never slows the test itself)."""
+    frameschema.check_recorded()  # what a module or session fixture read before this test
+    yield
+    frameschema.check_recorded()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
 
+import frameschema
 from orderlog.auth import Keys, mint
 from orderlog.service.server import serve
 from orderlog.service.settings import Settings
@@ -107,9 +108,12 @@ def redacted(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode(frame: str | bytes) -> dict[str, Any]:
+    """A frame from the server as a JSON object. It must conform to docs/asyncapi.yaml: conftest
+    checks every frame recorded here when the test ends (tests/frameschema.py)."""
     assert isinstance(frame, str), f"server sent a binary frame: {frame!r}"
     message = json.loads(frame)
     assert isinstance(message, dict) and isinstance(message.get("type"), str), message
+    frameschema.record(frame, message)
     return message
 
 
