@@ -129,6 +129,8 @@ def test_the_document_names_everything_the_code_knows() -> None:
     assert set(schemas["EventType"]["enum"]) == set(domain.EVENT_TYPES) == EVENT_TYPES
     assert set(schemas["CommandName"]["enum"]) == set(domain.COMMANDS)
     assert set(schemas["Role"]["enum"]) == set(domain.ROLES)
+    assert set(schemas["ErrorCode"]["enum"]) == set(domain.ERROR_CODES)
+    assert set(schemas["Status"]["enum"]) == {v for k, v in vars(domain.Status).items() if k.isupper()}
     assert re.compile(schemas["Channel"]["pattern"]).pattern.strip("^$") in protocol.CHANNEL_RE.pattern
     dispatch = doc["x-orderlog-dispatch"]
     assert set(dispatch["client"]) == set(protocol.REQUEST_FIELDS)
