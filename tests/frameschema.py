@@ -11,11 +11,7 @@ thousands of events (the load tests): every frame is checked up to `CHECK_ALL` p
 that, the first frame of each new shape (type, fields, data fields, which values are null) and
 every `STRIDE`-th frame.
 
-The document is PROTOCOL.md v1.2 exactly. `PENDING` lists the v1.1 forms that today's server
-still sends where v1.2 changed them while that work is merged (issue 12: `head_hash`, redacted
-events): such a frame is checked in its v1.2 form instead, so every other rule still holds.
-Delete an entry once the server sends the v1.2 form (`test_pending_forms_are_still_needed`
-says when).
+The document is PROTOCOL.md v1.2 exactly, with no allowance for older forms.
 """
 
 from __future__ import annotations
@@ -76,33 +72,8 @@ def message_of(frame_type: Any, direction: str = "server") -> str | None:
     return document()["x-orderlog-dispatch"][direction].get(frame_type) if isinstance(frame_type, str) else None
 
 
-STOCK_MOVES = ("stock-reserved", "stock-shipped", "stock-released")
-
-# (what, is this frame in the v1.1 form, the same frame in the v1.2 form)
-PENDING: list[tuple[str, Any, Any]] = [
-    ("welcome and pong without head_hash (v1.2 section 6, anchored chain)",
-     lambda f: f.get("type") in ("welcome", "pong") and "head_hash" not in f,
-     lambda f: {**f, "head_hash": None}),
-    ("a customer's inventory stock move of another order without `redacted` (v1.2 section 6, redacted events)",
-     lambda f: (f.get("type") in STOCK_MOVES and f.get("channel") == "inventory" and "redacted" not in f
-                and isinstance(f.get("data"), dict) and "order_id" not in f["data"]),
-     lambda f: {**f, "redacted": True, "actor": None, "command_id": None, "hash": None}),
-]
-pending_seen: set[str] = set()  # which PENDING forms the server did send in this test session
-
-
 def errors(message: dict[str, Any], direction: str = "server") -> list[str]:
     """Why `message` does not conform (empty if it does)."""
-    found = _errors(message, direction)
-    if found and direction == "server":
-        for what, is_old_form, new_form in PENDING:
-            if is_old_form(message):
-                pending_seen.add(what)
-                return _errors(new_form(message), direction)
-    return found
-
-
-def _errors(message: dict[str, Any], direction: str) -> list[str]:
     name = message_of(message.get("type"), direction)
     if name is None:
         return [f"type {message.get('type')!r} is not a {direction} message of docs/asyncapi.yaml"]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import frameschema
 from frameschema import check_server_frame, document, errors, message_of, NonConformingFrame
 from orderlog import domain, protocol
-from wsclient import EVENT_TYPES, running_server, session, stock_up
+from wsclient import EVENT_TYPES
 
 HASH = "ab" * 32
 AT = "2026-11-25T17:03:00.123Z"
@@ -75,7 +75,10 @@ NOT_CONFORMING = [
     ("an unknown type", {"type": "hello"}),
     ("welcome without log_id", {"type": "welcome", "user": "a", "role": "customer", "head": 0,
                                 "expires_at": "2026-11-25T18:00:00Z"}),
-    ("an undocumented field", {"type": "pong", "head": 3, "extra": 1}),
+    ("welcome without head_hash", {"type": "welcome", "user": "a", "role": "customer", "head": 0, "log_id": "x",
+                                   "expires_at": "2026-11-25T18:00:00Z"}),
+    ("pong without head_hash", {"type": "pong", "head": 3}),
+    ("an undocumented field", {"type": "pong", "head": 3, "head_hash": None, "extra": 1}),
     ("a role that does not exist", {"type": "welcome", "user": "a", "role": "admin", "head": 0, "log_id": "x",
                                     "expires_at": "2026-11-25T18:00:00Z"}),
     ("expires_at not in UTC", {"type": "welcome", "user": "a", "role": "staff", "head": 0, "log_id": "x",
@@ -147,23 +150,6 @@ def test_the_document_names_everything_the_code_knows() -> None:
     channel_messages = {ref["$ref"].rsplit("/", 1)[1] for ref in doc["channels"]["ws"]["messages"].values()}
     assert channel_messages == set(messages)
     assert set(dispatch["client"].values()) | set(dispatch["server"].values()) == set(messages)
-
-
-async def test_pending_forms_are_still_needed(tmp_path) -> None:
-    """Each v1.1 form that tests/frameschema.py still lets through is what today's server sends; once it
-    sends the v1.2 form, this fails and says which PENDING entry to delete."""
-    frameschema.pending_seen.clear()
-    async with running_server(tmp_path) as (url, _, _):
-        async with session(url, "s1", "staff") as staff, session(url, "alice") as alice, session(url, "bob") as bob:
-            await stock_up(staff, {"kibble": 10})
-            await alice.ok("place_order", "o-alice", {"items": [{"sku": "kibble", "quantity": 1}]})
-            await bob.subscribe("inventory", since=0)
-            await bob.live("inventory")
-            await bob.ping()
-    frameschema.check_recorded()
-    still_sent = frameschema.pending_seen
-    obsolete = [what for what, _, _ in frameschema.PENDING if what not in still_sent]
-    assert not obsolete, f"the server sends the v1.2 form now: delete these PENDING entries in tests/frameschema.py: {obsolete}"
 
 
 def test_a_test_that_read_a_wrong_frame_fails_when_it_ends() -> None:
