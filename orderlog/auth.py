@@ -7,7 +7,6 @@ here logs, and no error message repeats a token.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,6 +18,8 @@ from .domain import ROLES, Principal, Role
 ALGORITHMS = ("HS256", "RS256", "ES256")
 MAX_TOKEN_BYTES = 16 * 1024  # longer tokens are refused unparsed
 MAX_SUB_LENGTH = 256
+# exp and nbf beyond this (9999-12-31T23:59:59Z) have no RFC 3339 form: the token is invalid.
+MAX_TIMESTAMP = 253_402_300_799
 
 # The exact close reasons of docs/protocol.md section 1 (all with close code 4001).
 INVALID = "invalid token"
@@ -63,6 +64,8 @@ def verify(token: Any, keys: Keys, now: float) -> Claims:
         raise AuthError(INVALID, "no token string")
     if len(token) > MAX_TOKEN_BYTES:
         raise AuthError(INVALID, "token too long")
+    if not _valid_unicode(token):  # a lone surrogate (from a \ud800 escape) has no UTF-8 form
+        raise AuthError(INVALID, "token is not valid Unicode")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -83,12 +86,12 @@ def verify(token: Any, keys: Keys, now: float) -> Claims:
     except jwt.PyJWTError as exc:
         raise AuthError(INVALID, type(exc).__name__) from None
     exp = claims.get("exp")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or not math.isfinite(exp):
-        raise AuthError(INVALID, "exp is not a number")
+    if not _timestamp(exp):
+        raise AuthError(INVALID, "exp is not a time")
     nbf = claims.get("nbf")
     if nbf is not None:
-        if not isinstance(nbf, (int, float)) or isinstance(nbf, bool) or not math.isfinite(nbf):
-            raise AuthError(INVALID, "nbf is not a number")
+        if not _timestamp(nbf):
+            raise AuthError(INVALID, "nbf is not a time")
         if nbf > now:
             raise AuthError(INVALID, "not valid yet (nbf)")
     sub = claims.get("sub")
@@ -100,6 +103,14 @@ def verify(token: Any, keys: Keys, now: float) -> Claims:
     if exp <= now:
         raise AuthError(EXPIRED)
     return Claims(Principal(sub, role), float(exp))
+
+
+def _timestamp(value: Any) -> bool:
+    """A number of seconds that a datetime can hold. The range test comes first: it also refuses
+    NaN and the infinities, and never converts a huge int (2**1100) to a float, which overflows."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return -MAX_TIMESTAMP <= value <= MAX_TIMESTAMP
 
 
 def _valid_unicode(text: str) -> bool:

@@ -27,8 +27,11 @@ def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 time with an offset; ValueError if malformed."""
     if not isinstance(text, str) or not re.match(r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z", text):
         raise ValueError(f"not an RFC 3339 time with an offset: {text!r}")
-    moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-    return moment.astimezone(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        return moment.astimezone(timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00:00+23:59 is before year 1 in UTC
+        raise ValueError(f"time out of range: {text!r}") from None
 
 
 def time_bound(text: str) -> str:
@@ -39,7 +42,10 @@ def time_bound(text: str) -> str:
     """
     moment = parse_time(text)
     if moment.microsecond % 1000:
-        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+        try:
+            moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+        except OverflowError:  # 9999-12-31T23:59:59.9999Z rounds up past year 9999
+            raise ValueError(f"time out of range: {text!r}") from None
     return format_time(moment)
 
 

@@ -21,6 +21,7 @@ from .records import Filter
 MAX_QUERY_LIMIT = 1000
 DEFAULT_QUERY_LIMIT = 100
 REQUEST_ID_MAX = 64
+MAX_SEQ = 2**63 - 1  # the largest seq SQLite can hold (INTEGER is 64-bit signed)
 CHANNEL_RE = re.compile(r"^(orders|inventory|order:[A-Za-z0-9._-]{1,64})\Z")
 
 # Every client request type and the fields it may carry (besides `type` and `id`).
@@ -123,28 +124,41 @@ def _encodable(value: Any) -> bool:
     return True
 
 
+def request_id(message: Mapping[str, Any]) -> str | None:
+    """The request's `id` if it is one a reply can echo (a string of 1..64 characters, valid
+    Unicode), else None."""
+    value = message.get("id")
+    if isinstance(value, str) and 1 <= len(value) <= REQUEST_ID_MAX and _encodable(value):
+        return value
+    return None
+
+
 def parse_request(text: str | bytes) -> ClientRequest:
     """Parse one client frame into a typed request; raise ClientError with the code to send."""
     message = parse_json_object(text)
-    request_id = message.get("id")
-    if "id" in message and (not isinstance(request_id, str) or not 1 <= len(request_id) <= REQUEST_ID_MAX):
+    request_id_ = request_id(message)
+    if "id" in message and request_id_ is None:
+        value = message["id"]
+        if isinstance(value, str) and 1 <= len(value) <= REQUEST_ID_MAX:
+            raise ClientError(ErrorCode.BAD_REQUEST,
+                              "id must be valid Unicode (no lone surrogate escapes such as \\ud800)")
         raise ClientError(ErrorCode.BAD_REQUEST, f"id must be a string of 1..{REQUEST_ID_MAX} characters")
-    if "id" in message and not _encodable(request_id):
-        raise ClientError(ErrorCode.BAD_REQUEST, "id must be valid Unicode (no lone surrogate escapes such as \\ud800)")
-    # A \uD800-style escape can smuggle a lone surrogate into a string, which no reply could
-    # carry back as UTF-8: refuse it here, once, instead of failing later.
-    if isinstance(text, str) and ("\\ud" in text or "\\uD" in text) and not _encodable(message):
-        raise ClientError(ErrorCode.BAD_REQUEST, "strings must be valid Unicode (no lone surrogate escapes)", request_id)
     kind = message.get("type")
+    # A \uD800-style escape can smuggle a lone surrogate into a string, which no reply could
+    # carry back as UTF-8 and no database could store: refuse it here, once, instead of failing
+    # later. An `auth` frame is judged by its token alone (auth.verify refuses such a token).
+    if (kind != "auth" and isinstance(text, str) and ("\\ud" in text or "\\uD" in text)
+            and not _encodable(message)):
+        raise ClientError(ErrorCode.BAD_REQUEST, "strings must be valid Unicode (no lone surrogate escapes)", request_id_)
     if not isinstance(kind, str):
-        raise ClientError(ErrorCode.BAD_REQUEST, "every frame needs a string field type", request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, "every frame needs a string field type", request_id_)
     if kind not in REQUEST_FIELDS:
-        raise ClientError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}; expected one of {', '.join(REQUEST_FIELDS)}", request_id)
+        raise ClientError(ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:64]!r}; expected one of {', '.join(REQUEST_FIELDS)}", request_id_)
     extra = sorted(set(message) - REQUEST_FIELDS[kind] - {"type", "id"})
     # An `auth` frame is judged by its token alone (a bad one closes with 4001 `invalid token`).
     if extra and kind != "auth":
-        raise ClientError(ErrorCode.BAD_REQUEST, f"{kind}: unknown field {extra[0][:64]!r}", request_id)
-    return _PARSERS[kind](message, request_id)
+        raise ClientError(ErrorCode.BAD_REQUEST, f"{kind}: unknown field {extra[0][:64]!r}", request_id_)
+    return _PARSERS[kind](message, request_id_)
 
 
 def _parse_auth(message: dict, request_id: str | None) -> Auth:
@@ -234,8 +248,8 @@ def _parse_query(message: dict, request_id: str | None) -> Query:
         fields["types"] = tuple(types)
     for key in ("after", "until"):
         if key in raw:
-            if not _is_int(raw[key]) or raw[key] < 0:
-                raise ClientError(ErrorCode.BAD_REQUEST, f"filter.{key} must be an integer >= 0", request_id)
+            if not _is_int(raw[key]) or not 0 <= raw[key] <= MAX_SEQ:
+                raise ClientError(ErrorCode.BAD_REQUEST, f"filter.{key} must be an integer from 0 to {MAX_SEQ}", request_id)
             fields[key] = raw[key]
     for key in ("from_time", "to_time"):
         if key in raw:

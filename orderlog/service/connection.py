@@ -145,7 +145,7 @@ class Connection:
                 if not message or message.get("type") != "auth":
                     raise CloseConnection(AUTH_CLOSE_CODE, auth.REQUIRED)
                 token = message.get("token")
-                request_id = message.get("id") if isinstance(message.get("id"), str) else None
+                request_id = protocol.request_id(message)  # echoed in `welcome` only if it can be
                 if token is None:
                     raise CloseConnection(AUTH_CLOSE_CODE, auth.INVALID)
             if token is None:
