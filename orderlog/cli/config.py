@@ -45,6 +45,7 @@ KEYS: dict[str, str] = {
     "log_level": STRING,
     "checkpoint_key": STRING,
     "checkpoint_every": INTEGER,
+    "log_format": STRING,
 }
 SECRET_KEYS = frozenset({"jwt_secret"})  # never printed
 PATH_KEYS = frozenset({"db", "jwt_public_key", "tls_cert", "tls_key", "checkpoint_key"})  # relative to the file's directory

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .. import auth
 from ..auth import ALGORITHMS, Keys
 from ..domain import Role
-from ..service import gcpolicy
+from ..service import gcpolicy, logs
 from ..service.settings import Settings
 from ..store import Store, StoreError
 from . import DEFAULT_DB, UsageError, config
@@ -230,6 +230,19 @@ def resolve_keys(args: argparse.Namespace, db: str, create_secret: bool,
     return Keys(algorithm, key, audience, issuer), None
 
 
+def _log_format(text: str) -> str:
+    """A --log-format value: text or json (any case)."""
+    value = str(text).strip().lower()
+    if value not in logs.FORMATS:
+        raise ValueError(f"must be {' or '.join(logs.FORMATS)}, not {text!r}")
+    return value
+
+
+def log_format_from(args: argparse.Namespace) -> str:
+    """--log-format > ORDERLOG_LOG_FORMAT > (file) > text, checked."""
+    return _pick(args.log_format, "LOG_FORMAT", _log_format, logs.TEXT)
+
+
 def settings_from(args: argparse.Namespace, load_secret: bool = True,
                   sources: dict[str, str] | None = None) -> tuple[Settings, str | None]:
     """The server's settings from flags > environment > (file, already applied to `args`) >
@@ -289,7 +302,7 @@ def _checkpoint_settings(args: argparse.Namespace, load_key: bool, defaults: Set
 FILE_CONVERT: dict[str, Callable[[str], Any] | None] = {
     "port": _port, "max_message_size": _positive_int, "max_connections": _positive_int,
     "rate_limit": _positive_float, "auth_timeout": _seconds, "ping_interval": _seconds,
-    "synchronous": _synchronous, "log_level": _log_level,
+    "synchronous": _synchronous, "log_level": _log_level, "log_format": _log_format,
     "checkpoint_every": _positive_int,
 }
 TOKEN_FILE_KEYS = ("db", "jwt_secret", "jwt_algorithm", "jwt_audience", "jwt_issuer")
@@ -354,6 +367,7 @@ def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
         "checkpoint_key": _pick(args.checkpoint_key, "CHECKPOINT_KEY"),
         "checkpoint_every": settings.checkpoint_every,
         "log_level": log_level_from(args),
+        "log_format": log_format_from(args),
     }
     entries = []
     for key in config.KEYS:
@@ -379,12 +393,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(effective_config(args, sources))
         return 0
     level = log_level_from(args)
+    log_format = log_format_from(args)
     # Check every setting, then the database, and only then create the secret next to it: a
     # file that is not an orderlog must not leave an `X.db.secret` behind.
     settings, _ = settings_from(args, load_secret=False, sources=sources)
     _check_database(settings)
     settings, note = settings_from(args, sources=sources)
-    _setup_logging(level)
+    _setup_logging(level, log_format)
     logger = logging.getLogger("orderlog")
     if note:
         logger.info("event=secret note=%r", note)
@@ -439,9 +454,8 @@ def _http_url(ws_url: str) -> str:
     return ("https" if scheme == "wss" else "http") + "://" + rest.split("/", 1)[0] + "/"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    logs.install(getattr(logging, level), log_format, sys.stderr)
     # trio-websocket logs every frame at DEBUG and handshake noise at INFO; keep ours.
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
@@ -558,6 +572,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                        "durable on power loss), NORMAL, OFF or EXTRA (env ORDERLOG_SYNCHRONOUS)")
     serve.add_argument("--log-level", type=_arg(_log_level), help="DEBUG, INFO (default), WARNING or ERROR "
                        "(env ORDERLOG_LOG_LEVEL)")
+    serve.add_argument("--log-format", type=_arg(_log_format), help="text (default: key=value, every value "
+                       "quoted) or json (one JSON object per line) (env ORDERLOG_LOG_FORMAT)")
     serve.add_argument("--config", metavar="FILE", help="TOML settings file, one key per flag (max_message_size = "
                        "65536, ...); flags and ORDERLOG_* variables win over it (env ORDERLOG_CONFIG)")
     serve.add_argument("--print-config", action="store_true",

@@ -9,6 +9,7 @@ import ssl
 
 import trio
 
+from . import logs
 from .app import WS_PATH, Service
 from .connection import GOING_AWAY
 from .settings import Settings
@@ -85,6 +86,7 @@ async def _serve(service: Service, stop: trio.Event, handle_signals: bool, task_
             while service.writer_alive:
                 await trio.sleep(0.01)
         outer.cancel_scope.cancel()
+    logs.flush_suppressed()
     log.info("event=stopped head=%d", service.hub.head)
 
 
