@@ -154,6 +154,10 @@ def test_dashboard_shows_live_orders_and_resumes_after_a_restart(tmp_path: Path,
         page.set_default_timeout(PAGE_TIMEOUT)
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # The page runs under the server's Content-Security-Policy: nothing it does may be refused.
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+        page.add_init_script("document.addEventListener('securitypolicyviolation', "
+                             "e => console.error('Content Security Policy violation: ' + e.violatedDirective))")
         page.goto(f"http://127.0.0.1:{server.port}/dashboard")
 
         # Sign in: the token goes to sessionStorage, never to the address bar.

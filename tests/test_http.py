@@ -15,13 +15,15 @@ from wsclient import running_server
 MAX_RESPONSE = 4 * 1024 * 1024
 
 
-async def http_get(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 GET over a real socket; returns (status, lower-case headers, body)."""
+async def http_get(url: str, path: str, headers: dict[str, str] | None = None,
+                   method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request (GET unless told) over a real socket; returns (status, lower-case
+    headers, body: every byte after the head, until the server closed)."""
     target = urlsplit(url)
     with trio.fail_after(TIMEOUT):
         stream = await trio.open_tcp_stream(target.hostname, target.port)
         async with stream:
-            lines = [f"GET {path} HTTP/1.1", f"Host: {target.netloc}", "Connection: close"]
+            lines = [f"{method} {path} HTTP/1.1", f"Host: {target.netloc}", "Connection: close"]
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
             await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             raw = b""
@@ -34,7 +36,7 @@ async def http_get(url: str, path: str, headers: dict[str, str] | None = None) -
     for line in header_lines:
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
-    if "content-length" in parsed:
+    if "content-length" in parsed and method != "HEAD":
         assert len(body) == int(parsed["content-length"])
     return int(status_line.split()[1]), parsed, body
 
@@ -123,3 +125,38 @@ async def test_static_files_are_served_with_their_content_types(tmp_path: Path) 
         assert b'src="/dashboard.js"' in page and b'href="/dashboard.css"' in page
         _, _, module = await http_get(url, "/dashboard.js")
         assert b'from "/orderlog.js"' in module
+
+
+async def test_head_gets_the_headers_of_get_and_no_body(tmp_path: Path) -> None:
+    """HEAD on every path (health, metrics, static files, 404, 426) answers GET's status and headers, and no body
+    (RFC 9110 section 9.3.2)."""
+    async with running_server(tmp_path) as (url, _, _):
+        for path in ("/healthz", "/metrics", "/", "/dashboard.js", "/nope", "/v1/ws"):
+            get_status, get_headers, get_body = await http_get(url, path)
+            status, headers, body = await http_get(url, path, method="HEAD")
+            assert (status, body) == (get_status, b""), (path, status, body[:80])
+            assert headers["content-type"] == get_headers["content-type"], path
+            if path not in ("/healthz", "/metrics"):  # their bodies change from one request to the next
+                assert headers["content-length"] == str(len(get_body)), path
+
+
+async def test_other_methods_get_405_naming_get_and_head(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as (url, _, _):
+        for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+            status, headers, _ = await http_get(url, "/healthz", method=method)
+            assert status == 405 and headers["allow"] == "GET, HEAD", method
+
+
+async def test_the_dashboard_may_not_be_framed_and_runs_only_its_own_scripts(tmp_path: Path) -> None:
+    """The dashboard (it has buttons that change orders) carries a Content-Security-Policy with
+    frame-ancestors 'none' and X-Frame-Options DENY, so no other site can frame it (clickjacking);
+    so does every other answer."""
+    async with running_server(tmp_path) as (url, _, _):
+        for path in ("/", "/dashboard", "/dashboard.js", "/healthz", "/nope"):
+            status, headers, _ = await http_get(url, path)
+            policy = {part.strip().split(" ", 1)[0]: part.strip().split(" ", 1)[1]
+                      for part in headers["content-security-policy"].split(";")}
+            assert policy["frame-ancestors"] == "'none'", path
+            assert policy["default-src"] == "'none'" and policy["script-src"] == "'self'", path
+            assert policy["connect-src"] == "'self'", path
+            assert headers["x-frame-options"] == "DENY", path
