@@ -20,7 +20,7 @@ import wsproto
 from hypothesis import given, settings, strategies as st
 from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
-from orderlog.wire import FrameSplitter, MessageEnd, unmask
+from orderlog.wire import FrameSplitter, MessageEnd, Violation, unmask
 from test_hostile import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, Closed, RawWS, frame_bytes
 from wsclient import TIMEOUT, running_server, token
 
@@ -104,21 +104,23 @@ def test_after_a_close_frame_everything_goes_to_wsproto():
     assert splitter.feed(after) == [after]
 
 
-def test_a_bad_header_sends_everything_to_wsproto():
+def test_a_bad_header_ends_in_a_violation_and_nothing_after_it_is_read():
     """Reserved bits, an unmasked frame, an unknown opcode, a fragmented or long control frame:
-    wsproto closes with 1002, so it gets these bytes and all that follow."""
+    a Violation with 1002 (the server sends that close frame), and what follows is dropped."""
     for bad in (frame_bytes(TEXT, b"x", rsv=4), frame_bytes(TEXT, b"x", masked=False), frame_bytes(3, b"x"),
                 frame_bytes(PING, b"x", fin=False), frame_bytes(PING, b"x" * 126)):
         splitter = FrameSplitter(MAX)
         good = frame_bytes(TEXT, b"{}")
         items = splitter.feed(good + bad + good)
-        assert items == [("{}", good), bad + good]
+        assert items[0] == ("{}", good) and len(items) == 2
+        assert type(items[1]) is Violation and items[1].code == 1002
+        assert splitter.feed(good) == []
 
 
-def test_invalid_utf8_goes_to_wsproto():
+def test_invalid_utf8_is_a_1007_violation():
     frame = frame_bytes(TEXT, b'{"id":"\xff"}')
-    items = FrameSplitter(MAX).feed(frame)
-    assert items == [frame] and type(items[0]) is MessageEnd
+    (item,) = FrameSplitter(MAX).feed(frame)
+    assert item == Violation(1007, "text message is not valid UTF-8")
 
 
 def test_a_frame_over_the_limit_passes_as_it_arrives():

@@ -113,7 +113,10 @@ class Connection:
     def _lost(self, exc: BaseException) -> None:
         """Note why the connection ended: the peer's close, or (the socket died under a direct
         write, the peer reset it) a close without a handshake."""
-        if isinstance(exc, ConnectionClosed):
+        violation = self.stream.violation
+        if violation is not None:  # we failed the connection: the code we sent (sockets.WriterStream)
+            reason = (violation.code, violation.reason)
+        elif isinstance(exc, ConnectionClosed):
             reason = (self.ws.closed.code, self.ws.closed.reason or "") if self.ws.closed else (1006, "")
         else:
             reason = (1006, "connection lost")

@@ -27,10 +27,11 @@ from typing import Protocol
 
 import trio
 
-from ..wire import FrameSplitter, MessageEnd
+from ..wire import FrameSplitter, MessageEnd, Violation, close_frame
 
 HIGH_WATER = 256 * 1024  # queued bytes beyond which producers wait (or a subscription falls back)
 FAST_TURN = 32  # messages of one read handled in a row before letting other tasks run
+FAIL_LINGER = 2.0  # seconds to wait for the peer to hang up after a protocol error's close frame
 
 
 class SocketWriter:
@@ -179,6 +180,7 @@ class WriterStream(trio.abc.HalfCloseableStream):
         self._items: deque = deque()
         self.receiver: FastReceiver | None = None
         self.slow_messages = 0
+        self.violation: Violation | None = None  # the RFC 6455 violation that ended the connection
 
     def slow_message_done(self) -> None:
         """One message sent the usual way has been handled (see the class docstring)."""
@@ -201,6 +203,8 @@ class WriterStream(trio.abc.HalfCloseableStream):
                 if type(item) is not tuple:
                     if type(item) is MessageEnd:
                         self.slow_messages += 1
+                    elif type(item) is Violation:
+                        return await self._fail(item)
                     return item
                 text, raw = item
                 receiver = self.receiver
@@ -220,6 +224,25 @@ class WriterStream(trio.abc.HalfCloseableStream):
                     return b""
                 self.last_received = trio.current_time()
             items.extend(self._splitter.feed(data))
+
+    async def _fail(self, violation: Violation) -> bytes:
+        """Fail the WebSocket connection (RFC 6455 section 7.1.7): send the close frame with the
+        violation's code, stop sending, let the peer hang up (at most FAIL_LINGER seconds, reading
+        and dropping what it still sends, so that closing does not reset the connection before the
+        close frame is read), then tell trio-websocket the stream has ended."""
+        self.violation = violation
+        try:
+            self.writer.write(close_frame(violation.code, violation.reason))
+            await self.writer.wait_flushed()
+            self.writer.closed = True  # nothing more goes out, trio-websocket's frames included
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):  # TLS cannot half-close
+                await self.stream.send_eof()
+            with trio.move_on_after(FAIL_LINGER):
+                while await self._read(65536):
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return b""
 
     async def _read(self, max_bytes: int) -> bytes:
         """The next bytes from the peer (b"" at its end). On a plain TCP socket: wait until it is
