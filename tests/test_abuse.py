@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from conftest import cli_env
 from test_crash import ServerProcess
@@ -117,36 +117,56 @@ async def test_slow_websocket_handshake_after_a_complete_head_is_dropped_too(tmp
 
 
 async def test_max_connections_holds_with_503(tmp_path):
-    """With max_connections N, handshake N+1 gets HTTP 503 while N are open, and one more fits after one leaves."""
+    """With max_connections 5 (one slot for handshakes, four for authenticated connections): while the
+    handshake slot is held, handshake N+1 gets HTTP 503; while the four user slots are held, a login is closed
+    with 1013 `server busy`; and one more fits after one leaves."""
     cap = 5
     async with running_server(tmp_path, max_connections=cap) as (url, _, _):
         async with trio.open_nursery() as nursery:
-            opened: list = []
             leave = [trio.Event() for _ in range(cap)]
 
             async def hold(i: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 async with session(url, f"u{i}") as client:
-                    opened.append(client)
+                    assert (await client.ping())["type"] == "pong"
                     task_status.started()
                     await leave[i].wait()
 
-            for i in range(cap):
+            async def hold_handshake(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                async with connect(url):  # no token, no auth message: it stays a handshake
+                    task_status.started()
+                    await leave[-1].wait()
+
+            for i in range(cap - 1):
                 await nursery.start(hold, i)
+            await nursery.start(hold_handshake)
             for _ in range(3):
                 with pytest.raises(ConnectionRejected) as refused:
                     async with connect(url, token("extra")):
                         pass
                 assert refused.value.status_code == 503
+            leave[-1].set()
+
+            async def login(user: str) -> tuple[int, str] | str:
+                """A login once the handshake slot is free again: "ok" or its close."""
+                with trio.fail_after(TIMEOUT):
+                    while True:  # the server notices the close a moment later
+                        try:
+                            async with connect(url, token(user)) as ws:
+                                first = await recv_json(ws)
+                                if first["type"] == "welcome":
+                                    return "ok"
+                        except ConnectionRejected as exc:
+                            assert exc.status_code == 503
+                            await trio.sleep(0.05)
+                        except ConnectionClosed as exc:
+                            return exc.reason.code, exc.reason.reason
+
+            assert await login("extra") == (1013, "server busy")
             leave[0].set()
             with trio.fail_after(TIMEOUT):
-                while True:  # the server notices the close a moment later
-                    try:
-                        async with session(url, "late") as late:
-                            assert (await late.ping())["type"] == "pong"
-                        break
-                    except ConnectionRejected as exc:
-                        assert exc.status_code == 503
-                        await trio.sleep(0.05)
+                while (outcome := await login("late")) != "ok":
+                    assert outcome == (1013, "server busy")
+                    await trio.sleep(0.05)
             for event in leave:
                 event.set()
 

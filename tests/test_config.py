@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import signal
 import subprocess
 import sys
@@ -73,7 +75,7 @@ def test_print_config_touches_no_file_and_masks_the_secret(cli, tmp_path: Path) 
     conf = write(tmp_path / "orderlog.toml", f'db = "data.db"\njwt_secret = "{FILE_SECRET}"\n')
     result = cli("serve", "--config", conf, "--print-config")
     values = printed(result)
-    assert 'jwt_secret       = "***"' in result.stdout
+    assert re.search(r'^jwt_secret +\= "\*\*\*"', result.stdout, re.M)  # whatever the column width
     assert values["db"] == str(tmp_path / "data.db")  # relative to the file's directory
     assert not (tmp_path / "data.db").exists()
     assert list(tmp_path.iterdir()) == [conf]

@@ -69,6 +69,7 @@ _positive_int = _number("positive_int", int, 1, float("inf"), "must be a whole n
 _positive_float = _number("positive_float", float, 5e-324, float("inf"), "must be a number > 0")
 _seq = _number("seq", int, 0, float("inf"), "a seq is a whole number >= 0")
 _port = _number("port", int, 0, 65535, "must be a port number from 0 to 65535")
+_share = _number("share", float, 0.001, 0.9, "must be a fraction from 0.001 to 0.9")
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF", "EXTRA")  # SQLite's PRAGMA synchronous
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -276,6 +277,7 @@ def settings_from(args: argparse.Namespace, load_secret: bool = True,
         rate_limit=_pick(args.rate_limit, "RATE_LIMIT", _positive_float, defaults.rate_limit),
         synchronous=synchronous,
         **_checkpoint_settings(args, load_secret, defaults, name),
+        **_user_limits(args, defaults),
     )
     return settings, note
 
@@ -296,6 +298,18 @@ def _checkpoint_settings(args: argparse.Namespace, load_key: bool, defaults: Set
             "checkpoint_every": every}
 
 
+def _user_limits(args: argparse.Namespace, defaults: Settings) -> dict[str, Any]:
+    """The per-user limits (orderlog.limits); their bursts follow from the rates (Settings)."""
+    return {
+        "max_user_connections": _pick(args.max_user_connections, "MAX_USER_CONNECTIONS", _positive_int,
+                                      defaults.max_user_connections),
+        "user_rate_limit": _pick(args.user_rate_limit, "USER_RATE_LIMIT", _positive_float, defaults.user_rate_limit),
+        "user_replay_rate": _pick(args.user_replay_rate, "USER_REPLAY_RATE", _positive_float,
+                                  defaults.user_replay_rate),
+        "handshake_share": _pick(args.handshake_share, "HANDSHAKE_SHARE", _share, defaults.handshake_share),
+    }
+
+
 # -- the settings file ---------------------------------------------------------------------
 
 # How a file value becomes a flag value: the same checks as the flag's (None: taken as is).
@@ -304,6 +318,8 @@ FILE_CONVERT: dict[str, Callable[[str], Any] | None] = {
     "rate_limit": _positive_float, "auth_timeout": _seconds, "ping_interval": _seconds,
     "synchronous": _synchronous, "log_level": _log_level, "log_format": _log_format,
     "checkpoint_every": _positive_int,
+    "max_user_connections": _positive_int, "user_rate_limit": _positive_float, "user_replay_rate": _positive_float,
+    "handshake_share": _share,
 }
 TOKEN_FILE_KEYS = ("db", "jwt_secret", "jwt_algorithm", "jwt_audience", "jwt_issuer")
 
@@ -366,6 +382,8 @@ def effective_config(args: argparse.Namespace, sources: dict[str, str]) -> str:
         "rate_limit": settings.rate_limit, "synchronous": settings.synchronous,
         "checkpoint_key": _pick(args.checkpoint_key, "CHECKPOINT_KEY"),
         "checkpoint_every": settings.checkpoint_every,
+        "max_user_connections": settings.max_user_connections, "user_rate_limit": settings.user_rate_limit,
+        "user_replay_rate": settings.user_replay_rate, "handshake_share": settings.handshake_share,
         "log_level": log_level_from(args),
         "log_format": log_format_from(args),
     }
@@ -568,6 +586,18 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                        "--checkpoint-every events, served at GET /v1/checkpoint (env ORDERLOG_CHECKPOINT_KEY)")
     serve.add_argument("--checkpoint-every", type=_arg(_positive_int), metavar="N",
                        help="events between two signed checkpoints (default 1000)")
+    serve.add_argument("--max-user-connections", type=_arg(_positive_int), metavar="N",
+                       help="authenticated connections per user; one more closes with 1008 `too many connections` "
+                       "(default 64)")
+    serve.add_argument("--user-rate-limit", type=_arg(_positive_float), metavar="PER_SECOND",
+                       help="commands per second per user, over all its connections, before `rate_limited` "
+                       "(default 1000, burst 2 s worth)")
+    serve.add_argument("--user-replay-rate", type=_arg(_positive_float), metavar="EVENTS_PER_SECOND",
+                       help="replayed (catch-up) events per second per user; faster replays are slowed down, never "
+                       "refused (default 20000, burst 5 s worth)")
+    serve.add_argument("--handshake-share", type=_arg(_share), metavar="FRACTION",
+                       help="share of --max-connections kept for handshakes not authenticated yet; the rest is "
+                       "for authenticated connections (default 0.1)")
     serve.add_argument("--synchronous", type=_arg(_synchronous), help="SQLite synchronous mode: FULL (default, "
                        "durable on power loss), NORMAL, OFF or EXTRA (env ORDERLOG_SYNCHRONOUS)")
     serve.add_argument("--log-level", type=_arg(_log_level), help="DEBUG, INFO (default), WARNING or ERROR "

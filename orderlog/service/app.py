@@ -35,6 +35,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 
 from .. import protocol
 from ..domain import ErrorCode, Rejected
+from ..limits import Slots, UserLimits
 from ..feed import FeedEvent, feed_event
 from ..records import Ack, BatchResult, Request
 from ..store import Store, Unavailable
@@ -60,6 +61,9 @@ RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn
 DRAIN_POLL = 0.005  # seconds between looks while shutting down
 ORIGIN_REFUSED = b"origin not allowed\n"
+POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
+TOO_MANY_CONNECTIONS = "too many connections"  # the user holds max_user_connections already
+SERVER_BUSY = "server busy"  # every slot for authenticated connections is taken
 
 
 class Service:
@@ -83,6 +87,26 @@ class Service:
         self.checkpointer = (Checkpointer(self.store, settings.checkpoint_key, settings.checkpoint_every)
                              if settings.checkpoint_key is not None else None)
         self.routes = {"/healthz": self._healthz, "/metrics": self._metrics, "/v1/checkpoint": self._checkpoint}
+        self.slots = Slots(settings.max_connections, settings.handshake_share)
+        self.users = UserLimits(settings.max_user_connections, settings.user_rate_limit, settings.user_rate_burst,
+                                settings.user_replay_rate, settings.user_replay_burst)
+
+    def admit(self, user: str) -> tuple[int, str] | None:
+        """A connection authenticated as `user`: None if it may stay (then `leave` must follow),
+        else the close code and reason (PROTOCOL.md section 6, "Per-user limits")."""
+        now = time.monotonic()
+        if not self.users.connect(user, now):
+            return POLICY_VIOLATION, TOO_MANY_CONNECTIONS
+        if not self.slots.authenticate():
+            self.users.disconnect(user, now)
+            return TRY_AGAIN_LATER, SERVER_BUSY
+        return None
+
+    def leave(self, user: str | None) -> None:
+        """A connection ends: `user` if `admit` let it in, else None (it was a handshake)."""
+        self.slots.close(user is not None)
+        if user is not None:
+            self.users.disconnect(user, time.monotonic())
 
     def max_lag(self) -> int:
         head = self.hub.head
@@ -306,11 +330,15 @@ class Service:
             log.info("event=handshake.rejected status=403 reason=origin origin=%r", origin[:200])
             await request.reject(403, body=ORIGIN_REFUSED)
             return
-        if self.stopping or len(self.connections) >= self.settings.max_connections:
+        if self.stopping or not self.slots.open():
             await request.reject(503, body=b"server busy: too many connections\n")
             return
-        token = _handshake_token(target.query, headers.get("authorization"))
-        ws = await request.accept()
+        try:
+            token = _handshake_token(target.query, headers.get("authorization"))
+            ws = await request.accept()
+        except BaseException:
+            self.leave(None)
+            raise
         stream.accepted.set()
         connection = Connection(self, ws, stream, next(self._ids), token, remote)
         self.connections.add(connection)
@@ -318,6 +346,7 @@ class Service:
         try:
             await connection.run()
         finally:
+            self.leave(connection.admitted)
             self.connections.discard(connection)
             self.metrics.connections.dec()
             gcpolicy.connection_closed()

@@ -56,6 +56,7 @@ class Connection:
         self.number = number
         self.handshake_token = token
         self.principal: Principal | None = None
+        self.admitted: str | None = None  # the user Service.admit let in (its per-user slot)
         self.expires_at = 0.0
         self.subs: dict[str, Subscription] = {}
         self.snapshots: dict[str, trio.CancelScope] = {}  # channels whose snapshot is being sent
@@ -167,6 +168,13 @@ class Connection:
         if self.principal is not None and claims.principal.user != self.principal.user:
             raise CloseConnection(AUTH_CLOSE_CODE, auth.SUBJECT_CHANGED)
         first = self.principal is None
+        if first:
+            refused = self.service.admit(claims.principal.user)
+            if refused is not None:
+                log.info("event=connection.refused conn=%d user=%s code=%d reason=%r", self.number,
+                         claims.principal.user, *refused)
+                raise CloseConnection(*refused)
+            self.admitted = claims.principal.user
         self.principal = claims.principal
         self.expires_at = claims.expires_at
         if first:
@@ -355,7 +363,7 @@ class Connection:
         assert principal is not None
         service = self.service
         if isinstance(request, protocol.CommandRequest):
-            if not self._take_token():
+            if not self._take_token() or not service.users.take_command(principal.user, time.monotonic()):
                 service.metrics.command(request.command.name, ErrorCode.RATE_LIMITED)
                 raise protocol.ClientError(ErrorCode.RATE_LIMITED, "too many commands; slow down and retry", request.id)
             try:
@@ -558,3 +566,7 @@ class Connection:
             sub.prev = prev
             self.write_frames(frames)
         sub.cursor = cursor
+        # Replays beyond the user's rate are slowed down, never refused or cut (orderlog.limits).
+        pause = self.service.users.replay_delay(channel.principal.user, len(frames), time.monotonic())
+        if pause > 0:
+            await trio.sleep(pause)

@@ -30,6 +30,17 @@ class Settings:
     # commands a connection may send at once: two seconds' worth of the rate, at least 1
     rate_burst: float = attrs.field(default=attrs.Factory(lambda self: max(1.0, 2 * self.rate_limit),
                                                           takes_self=True))
+    # Per user, over all its connections (orderlog.limits):
+    max_user_connections: int = 64  # authenticated connections; one more closes with 1008
+    user_rate_limit: float = 1000.0  # commands per second; beyond it `rate_limited`
+    # commands a user may send at once: two seconds' worth, as for a connection
+    user_rate_burst: float = attrs.field(default=attrs.Factory(lambda self: max(1.0, 2 * self.user_rate_limit),
+                                                               takes_self=True))
+    user_replay_rate: float = 20_000.0  # replayed events per second; beyond it replays slow down
+    # events replayed at once: five seconds' worth
+    user_replay_burst: float = attrs.field(default=attrs.Factory(lambda self: max(1.0, 5 * self.user_replay_rate),
+                                                                 takes_self=True))
+    handshake_share: float = 0.1  # of max_connections, kept for handshakes not authenticated yet
     handshake_timeout: float = 10.0  # slow handshakes are dropped after this
     synchronous: str = "FULL"
     window: int = 10_000  # recent events kept in memory (feed.DEFAULT_WINDOW)
