@@ -208,6 +208,25 @@ async def test_replays_beyond_the_users_rate_are_slowed_never_cut(tmp_path, repl
         assert elapsed >= (2 * len(full) - 1000 - 2 * page) / 2000, elapsed
 
 
+async def test_paging_through_query_is_paced_as_a_replay(tmp_path, replay_log):
+    """An auditor paging through the whole log with `query` gets every event, at the user's replay rate."""
+    async with running_server(tmp_path, db=replay_log, user_replay_rate=4000, user_replay_burst=1000) as (url, _, _):
+        async with session(url, "pager", "auditor") as client:
+            seqs: list[int] = []
+            after = 0
+            started = time.monotonic()
+            while True:
+                reply = await client.request({"type": "query", "filter": {"after": after}, "limit": 1000}, timeout=30)
+                assert reply["type"] == "result", reply
+                seqs += [e["seq"] for e in reply["events"]]
+                if reply["next"] is None:
+                    break
+                after = reply["next"]
+            elapsed = time.monotonic() - started
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 4000
+        assert elapsed >= (len(seqs) - 1000 - 1000) / 4000, elapsed  # the last page goes out before its pause
+
+
 async def test_a_handshake_share_keeps_slots_for_logins_and_for_users(tmp_path):
     """max_connections 10 with a 0.2 handshake share: two handshakes that never authenticate fill their share
     (the next handshake gets 503) but not the users'; eight users fill theirs (the next login is closed with

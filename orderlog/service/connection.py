@@ -512,6 +512,7 @@ class Connection:
         events = events[: request.limit]
         self.push(protocol.reply("result", request.id, events=[event_json(e) for e in events],
                                  next=events[-1].seq if more else None))
+        await self._pace_replay(principal.user, len(events))  # paging through `query` is a replay too
 
     # sending --------------------------------------------------------------------------
 
@@ -566,7 +567,11 @@ class Connection:
             sub.prev = prev
             self.write_frames(frames)
         sub.cursor = cursor
-        # Replays beyond the user's rate are slowed down, never refused or cut (orderlog.limits).
-        pause = self.service.users.replay_delay(channel.principal.user, len(frames), time.monotonic())
+        await self._pace_replay(channel.principal.user, len(frames))
+
+    async def _pace_replay(self, user: str, events: int) -> None:
+        """Replays beyond the user's rate are slowed down, never refused or cut (orderlog.limits):
+        after sending `events` old events, pause as long as the user's budget says."""
+        pause = self.service.users.replay_delay(user, events, time.monotonic())
         if pause > 0:
             await trio.sleep(pause)
