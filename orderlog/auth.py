@@ -135,6 +135,11 @@ def mint(sub: str, role: str, ttl: float, now: float, key: Any, algorithm: str =
     """A signed token for development and tests (`orderlog token`)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    # What verify() would refuse is refused here, so no tool mints a token that cannot work.
+    if not 1 <= len(sub) <= MAX_SUB_LENGTH or not _valid_unicode(sub):
+        raise ValueError(f"sub must be 1..{MAX_SUB_LENGTH} characters of valid Unicode")
+    if not _timestamp(now + ttl):
+        raise ValueError("ttl too long: the token would expire after 9999-12-31")
     claims: dict[str, Any] = {"sub": sub, "role": role, "iat": int(now), "exp": int(now + ttl)}
     if audience:
         claims["aud"] = audience

@@ -267,3 +267,15 @@ def test_hostile_values_in_every_field_get_an_error_frame_and_keep_the_connectio
         assert server.stop() == 0
         assert "Traceback" not in server.stderr, server.stderr[-3000:]
         assert "crashed" not in server.stderr, server.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args", [
+    ["events", "--after", str(2**64)], ["events", "--until", str(2**63)], ["events", "--limit", str(10**30)],
+    ["token", "--jwt-secret", SECRET, "--sub", "a", "--ttl", f"{10**20}s"],
+])
+def test_the_cli_refuses_numbers_beyond_sqlite_and_datetime_with_one_line(cli, seeded_db, args):
+    """The same edges on the command line: a one-line error and exit 2, no traceback (and no token that every
+    server would refuse)."""
+    done = cli(*args, "--db", seeded_db)
+    assert done.returncode == 2, (done.returncode, done.stderr[-500:])
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

@@ -26,6 +26,7 @@ from .. import __version__
 from ..canonical import dumps, event_json, time_bound
 from ..checkpoint import BadCheckpoint
 from ..domain import EVENT_TYPES, Event
+from ..protocol import MAX_SEQ
 from ..records import Filter
 from ..store import DatabaseError, Store, StoreError, audit, migrations, schema_version_of
 from ..store.seeding import DEFAULT_SEED_BATCH, run_seed
@@ -228,6 +229,8 @@ def _non_negative(text: str) -> int:
     value = int(text)  # ValueError: argparse reports "invalid _non_negative value"
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    if value > MAX_SEQ:  # SQLite's integers are 64-bit
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEQ}")
     return value
 
 
@@ -235,6 +238,8 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    if value > MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEQ}")
     return value
 
 
