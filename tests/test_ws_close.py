@@ -193,3 +193,42 @@ async def test_valid_fragments_and_close_codes_are_answered_normally(server):
                 await ws.stream.send_all(_close(code, "bye κ".encode()))
                 got, _ = await ws.close_code()
                 assert got == code  # the close handshake echoes the peer's code
+
+
+async def test_over_tls_too(tmp_path):
+    """wss: the close frame goes through the TLS stream (which cannot half-close), then the server hangs up."""
+    import ssl
+    from functools import partial
+
+    from orderlog.auth import Keys
+    from orderlog.service.server import serve
+    from orderlog.service.settings import Settings
+    from test_tls import _self_signed
+    from wsclient import SECRET
+
+    cert, key = _self_signed(tmp_path)
+    settings = Settings(db=str(tmp_path / "tls.db"), host="localhost", port=0, keys=Keys("HS256", SECRET),
+                        tls_cert=str(cert), tls_key=str(key))
+    stop = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(partial(serve, settings, stop=stop, handle_signals=False))
+            parts = urlsplit(url)
+            tcp = await trio.open_tcp_stream(parts.hostname, parts.port)
+            stream = trio.SSLStream(tcp, ssl.create_default_context(cafile=str(cert)), server_hostname="localhost")
+            key64 = base64.b64encode(os.urandom(16)).decode()
+            await stream.send_all((f"GET {parts.path}?token={token('alice')} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                                   f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key64}\r\n"
+                                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            ws = Raw(stream, rest)
+            assert head.startswith(b"HTTP/1.1 101") and (await ws.message())["type"] == "welcome"
+            await stream.send_all(frame_bytes(TEXT, PING_REQUEST, rsv=2))
+            while (got := await ws.frame()) is not None and got[0] != CLOSE:
+                pass
+            assert got is not None and struct.unpack("!H", got[1][:2])[0] == 1002
+            assert await ws.frame() is None  # then the server hangs up
+            stop.set()
