@@ -5,4 +5,5 @@
 - `sockets`: the per-connection socket writer and the stream trio-websocket reads through.
 - `http`: plain HTTP on the WebSocket port (health, metrics, the dashboard).
 - `metrics`, `gcpolicy`: Prometheus metrics; the garbage collector's policy for a server.
+- `logs`: the log lines, every value quoted (text or JSON), repeated kinds throttled (loads no trio).
 """
