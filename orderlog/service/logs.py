@@ -17,10 +17,11 @@ render each value themselves, instead of letting %-formatting paste client-contr
 
 `Throttle` (a logging.Filter) lets each kind of line (logger, level, template, exception type and
 the values of `reason`, `code` and `status`, not the connection number or address) through at
-`RATE` lines per second after a burst of `BURST`, and counts the rest; the next line of that kind
-to get through is preceded by `event=log.suppressed of=<event> count=<n>`. So a client that
-repeats an error thousands of times a second writes a bounded trickle, and the count says how
-much it tried.
+`RATE` lines per second after a burst of `BURST`, and counts the rest; a line of that kind that
+gets through at least `REPORT_EVERY` seconds after the last count is preceded by
+`event=log.suppressed of=<event> count=<n>` (and what is left is counted at shutdown). So a
+client that repeats an error thousands of times a second writes a bounded trickle, and the
+counts say how much it tried.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TEXT, JSON = "text", "json"
 FORMATS = (TEXT, JSON)
 BURST = 100  # lines of one kind let through at once
 RATE = 10.0  # lines of one kind per second after the burst
+REPORT_EVERY = 10.0  # seconds between two counts of one kind's suppressed lines
 KIND_KEYS = frozenset({"reason", "code", "status"})  # values that make two lines different kinds
 MAX_KINDS = 10_000  # kinds remembered (the oldest idle ones are forgotten first)
 
@@ -170,7 +172,7 @@ class Throttle(logging.Filter):
         self.burst = burst
         self.rate = rate
         self.clock = clock
-        self._kinds: dict[tuple, list] = {}  # kind -> [tokens, last refill, suppressed]
+        self._kinds: dict[tuple, list] = {}  # kind -> [tokens, last refill, suppressed, last report]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == __name__:
@@ -181,7 +183,7 @@ class Throttle(logging.Filter):
         if state is None:
             if len(self._kinds) >= MAX_KINDS:
                 del self._kinds[next(iter(self._kinds))]
-            state = [float(self.burst), now, 0]
+            state = [float(self.burst), now, 0, now]
         self._kinds[kind] = state
         state[0] = min(float(self.burst), state[0] + (now - state[1]) * self.rate)
         state[1] = now
@@ -189,22 +191,24 @@ class Throttle(logging.Filter):
             state[2] += 1
             return False
         state[0] -= 1
-        if state[2]:
-            self._report(kind, state)
+        if state[2] and now - state[3] >= REPORT_EVERY:
+            self._report(kind, state, now)
         return True
 
     def flush(self) -> None:
         """Report every count not reported yet (at shutdown)."""
+        now = self.clock()
         for kind, state in list(self._kinds.items()):
             if state[2]:
-                self._report(kind, state)
+                self._report(kind, state, now)
 
     @staticmethod
-    def _report(kind: tuple, state: list) -> None:
+    def _report(kind: tuple, state: list, now: float) -> None:
         name, level, template = kind[:3]
         event = (parse_template(template) or (("event", name),))[0][1] or name
         _summary.log(level, "event=log.suppressed of=%s count=%d", event, state[2])
         state[2] = 0
+        state[3] = now
 
 
 _summary = logging.getLogger(__name__)
