@@ -140,6 +140,12 @@ async def test_head_gets_the_headers_of_get_and_no_body(tmp_path: Path) -> None:
                 assert headers["content-length"] == str(len(get_body)), path
 
 
+async def test_head_of_a_refused_origin_gets_the_403_without_a_body(tmp_path: Path) -> None:
+    async with running_server(tmp_path, allow_origins=("https://shop.example",)) as (url, _, _):
+        status, _, body = await http_get(url, "/v1/ws", {"Origin": "https://evil.example"}, method="HEAD")
+        assert (status, body) == (403, b"")
+
+
 async def test_other_methods_get_405_naming_get_and_head(tmp_path: Path) -> None:
     async with running_server(tmp_path) as (url, _, _):
         for method in ("POST", "PUT", "DELETE", "OPTIONS"):

@@ -292,6 +292,8 @@ class Service:
                         # Same answer as the handshake gets: a page can learn (with a POST, which
                         # carries its Origin) why its WebSocket never opens; browsers hide the 403.
                         answer = http.response(403, ORIGIN_REFUSED)
+                        if request_head.method == "HEAD":
+                            answer = http.without_body(answer)
                     else:
                         answer = await http.answer_http(request_head, self.routes, WS_PATH)
                     await stream.send_all(answer)
