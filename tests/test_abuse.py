@@ -194,7 +194,7 @@ async def test_clients_that_never_read_keep_server_memory_bounded(big_log, tmp_p
     once it reads."""
     db = tmp_path / "big.db"
     db.write_bytes(big_log.read_bytes())
-    with ServerProcess(db, "--rate-limit", "100000") as server:
+    with ServerProcess(db, "--rate-limit", "100000", "--user-rate-limit", "100000") as server:
         url = server.wait_url()
         with trio.fail_after(100):
             async with session(url, "warm", "staff", queue=100_000) as warm:  # warm the caches: one full replay

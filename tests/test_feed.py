@@ -33,7 +33,7 @@ from wsclient import (
 )
 
 FEED_KEYS = {"type", "channel", "seq", "prev", "stream", "version", "at", "actor", "command_id", "data", "hash"}
-UNLIMITED = {"rate_limit": 1e9, "rate_burst": 10**9}
+UNLIMITED = {"rate_limit": 1e9, "rate_burst": 10**9, "user_rate_limit": 1e9, "user_replay_rate": 1e9}
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ class ThreadServer:
 def isolated_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("isolation")
     config = Settings(db=str(folder / "isolation.db"), port=0, keys=Keys("HS256", SECRET), window=8,
-                      rate_limit=100_000.0, rate_burst=100_000)
+                      rate_limit=100_000.0, rate_burst=100_000, user_rate_limit=100_000.0)
     with ThreadServer(config) as server:
         yield server.url
 

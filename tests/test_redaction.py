@@ -59,7 +59,7 @@ async def test_a_refresh_to_customer_redacts_at_once_while_others_write(tmp_path
     checked with a read after the refresh) and another customer writing all along: every stock
     move of the other customer after the `welcome` reaches it redacted, none whole, and the other
     customer's `order:` channels close without another event."""
-    async with running_server(tmp_path, rate_limit=1e9, rate_burst=10**9) as (url, _, _):
+    async with running_server(tmp_path, rate_limit=1e9, rate_burst=10**9, user_rate_limit=1e9) as (url, _, _):
         async with session(url, "staff-1", "staff") as staff, session(url, "u1", "staff") as user, \
                 session(url, "bob") as bob:
             await stock_up(staff, {"kibble": 100_000})

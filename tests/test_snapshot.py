@@ -25,7 +25,7 @@ from orderlog.snapshot import MAX_FRAME_BYTES, MAX_ROWS, SnapshotPager, row_json
 from orderlog.store import Store
 from wsclient import EVENT_TYPES, TIMEOUT, Session, next_id, running_server, session, stock_up
 
-UNLIMITED = {"rate_limit": 1e9, "rate_burst": 10**9}
+UNLIMITED = {"rate_limit": 1e9, "rate_burst": 10**9, "user_rate_limit": 1e9, "user_replay_rate": 1e9}
 SKUS = {"cat-food": 10_000, "dog-bed": 10_000, "fish-net": 10_000}
 
 
