@@ -214,6 +214,6 @@ def test_stored_hashes_recompute_for_awkward_text(tmp_path):
         Request(staff, Command("update_order", "c-3", "o-1", 1, {"note": "ñ" * 1000}), at),
     ]).outcomes
     assert [type(o).__name__ for o in outcomes] == ["Ack", "Ack", "Ack"]
-    report = check_chain(stored_events(store.conn))
+    report = check_chain(stored_events(store))
     store.close()
     assert report.problem is None and report.count == 4

@@ -28,7 +28,17 @@ from ..checkpoint import BadCheckpoint
 from ..domain import EVENT_TYPES, Event
 from ..protocol import MAX_SEQ
 from ..records import Filter
-from ..store import DatabaseError, Store, StoreError, audit, migrations, schema_version_of
+from ..store import (
+    Store,
+    StoreError,
+    audit,
+    database_errors,
+    display_name,
+    is_postgres,
+    known_migrations,
+    open_store,
+    schema_version_of,
+)
 from ..store.seeding import DEFAULT_SEED_BATCH, run_seed
 from .progress import Progress
 
@@ -73,13 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except (StoreError, UsageError) as exc:
         return _fail(str(exc))
-    except DatabaseError as exc:
-        return _fail(f"{_db_path_of(argv)}: database error: {exc}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        if not isinstance(exc, database_errors()):
+            raise
+        return _fail(f"{display_name(_db_path_of(argv))}: database error: {exc}")
 
 
 def _bench(argv: list[str]) -> int:
@@ -132,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = Parser(add_help=False)
     db.add_argument(
         "--db", metavar="PATH", default=None,
-        help=f"the database file (default: ${DB_ENV}, else ./{DEFAULT_DB})",
+        help=f"the database file, or a postgresql:// URL (default: ${DB_ENV}, else ./{DEFAULT_DB})",
     )
 
     p = subparsers.add_parser(
@@ -248,7 +260,8 @@ _positive.__name__ = "integer"
 
 
 def db_path(args: argparse.Namespace) -> str:
-    """The database path: --db, else $ORDERLOG_DB, else ./orderlog.db."""
+    """The database: --db, else $ORDERLOG_DB, else ./orderlog.db (a file path, or a
+    postgresql:// URL)."""
     return args.db or os.environ.get(DB_ENV) or DEFAULT_DB
 
 
@@ -258,20 +271,19 @@ def db_path(args: argparse.Namespace) -> str:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """`orderlog migrate`: create the file if missing, apply migrations, print what was applied."""
     path = db_path(args)
-    existed = os.path.exists(path)
-    before = schema_version_of(path) if existed else 0
-    store = Store.open(path, create=True)
+    before = schema_version_of(path) if is_postgres(path) or os.path.exists(path) else -1  # -1: no file yet
+    store = open_store(path, create=True)
     try:
-        applied = store.applied_migrations(after=before)
+        applied = store.applied_migrations(after=max(before, 0))
         current = store.schema_version()
     finally:
         store.close()
-    if not existed:
-        print(f"created {path} (log_id {store.log_id})")
+    if before == -1 or (before == 0 and is_postgres(path)):
+        print(f"created {store.path} (log_id {store.log_id})")
     for _, name in applied:
         print(f"applied {name}")
     if not applied:
-        print(f"{path}: up to date (schema {current}, {len(migrations())} known)")
+        print(f"{store.path}: up to date (schema {current}, {known_migrations(path)} known)")
     return 0
 
 
@@ -388,7 +400,7 @@ def _utf8_stdout(fmt: str) -> None:
 def cmd_events(args: argparse.Namespace) -> int:
     """`orderlog events`: stream the matching events to stdout in the chosen format."""
     filt = event_filter(args)
-    store = Store.open(db_path(args), readonly=True)
+    store = open_store(db_path(args), readonly=True)
     _utf8_stdout(args.format)
     try:
         write_events(iter_export(store, filt, args.limit), args.format, sys.stdout)
@@ -413,7 +425,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     if args.export:
         return _verify_export(args.export, points)
-    store = Store.open(path, readonly=True)
+    store = open_store(path, readonly=True)
     chain_bar, fold_bar = Progress("verify: hash chain "), Progress("verify: projections")
     started = time.perf_counter()
     try:
@@ -424,12 +436,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         store.close()
     elapsed = time.perf_counter() - started
     if not result.ok:
-        print(f"FAILED {path}: {result.problem}")
+        print(f"FAILED {display_name(path)}: {result.problem}")
         if result.events:
             print(f"  (seq 1..{result.events} are sound, last good hash {result.last_hash})")
         return 1
     print(
-        f"ok {path}: {result.events:,} events, hash chain intact (head {result.head}, "
+        f"ok {display_name(path)}: {result.events:,} events, hash chain intact (head {result.head}, "
         f"last hash {result.last_hash[:16] or '-'}), projections of {result.orders:,} orders and "
         f"{result.skus:,} skus match the log ({elapsed:.1f} s)"
         + (f"; {describe(points)}" if points else "")
@@ -463,7 +475,7 @@ def _verify_export(path: str, points: list) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """`orderlog rebuild`: recompute the projections from the log."""
     path = db_path(args)
-    store = Store.open(path)
+    store = open_store(path)
     bar = Progress("rebuild")
     started = time.perf_counter()
     try:
@@ -475,7 +487,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         store.close()
     elapsed = time.perf_counter() - started
     print(
-        f"rebuilt the projections of {path} from {last:,} events in {elapsed:.1f} s "
+        f"rebuilt the projections of {display_name(path)} from {last:,} events in {elapsed:.1f} s "
         f"({len(projections.orders):,} orders, {len(projections.stock):,} skus)"
     )
     return 0
@@ -483,7 +495,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """`orderlog stats`: print the summary of `audit.stats`, as text or JSON."""
-    store = Store.open(db_path(args), readonly=True)
+    store = open_store(db_path(args), readonly=True)
     try:
         info = audit.stats(store)
     finally:
@@ -530,7 +542,7 @@ def _bytes(n: int) -> str:
 def cmd_seed(args: argparse.Namespace) -> int:
     """`orderlog seed`: append a generated history and report its rate and outcomes."""
     path = db_path(args)
-    store = Store.open(path, create=True, synchronous=args.synchronous)
+    store = open_store(path, create=True, synchronous=args.synchronous)
     bar = Progress("seed")
     try:
         report = run_seed(store, args.commands, args.seed, args.batch, bar)
@@ -540,7 +552,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     rejected = sum(report.rejected.values())
     detail = ", ".join(f"{code} {n:,}" for code, n in sorted(report.rejected.items()))
     print(
-        f"seeded {path}: {report.commands:,} commands in {report.seconds:.2f} s "
+        f"seeded {display_name(path)}: {report.commands:,} commands in {report.seconds:.2f} s "
         f"({report.rate:,.0f} commands/s, synchronous={args.synchronous}, batch {args.batch})"
     )
     print(f"  accepted {report.accepted:,}, rejected {rejected:,}" + (f" ({detail})" if detail else ""))

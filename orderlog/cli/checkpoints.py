@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .. import checkpoint
 from ..checkpoint import BadCheckpoint, BadKey, Checkpoint
-from ..store import Store
+from ..store import open_store
 from ..store import checkpoints as stored
 from . import UsageError, db_path
 from .files import UntrustedFile, read_private, write_private
@@ -103,7 +103,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     """`orderlog checkpoint --key FILE`: print a signed checkpoint of the log's head."""
     key = load_private_key(args.key)
     path = db_path(args)
-    store = Store.open(path, readonly=True)
+    store = open_store(path, readonly=True)
     try:
         seq, hash_ = stored.head(store)
         log_id = store.log_id

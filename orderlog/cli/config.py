@@ -9,7 +9,8 @@
 
 A key is the flag's name without the dashes, with underscores (`--max-message-size` is
 `max_message_size`). Precedence, highest first: flags, `ORDERLOG_*` environment variables,
-this file, the defaults. Relative paths in the file are relative to the file's directory.
+this file, the defaults. Relative paths in the file are relative to the file's directory
+(`db` may also be a `postgresql://` URL).
 
 This module only reads and type-checks the file (pure apart from the one read); the value
 rules (port range, durations, ...) are the flags' own, applied by `cli.service`.
@@ -84,7 +85,7 @@ def load(path: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: unknown key {key!r}{hint}; known keys: {', '.join(KEYS)}")
         if not _is(kind, value):
             raise ConfigError(f"{path}: {key} must be {kind}, not {_describe(value)}")
-        if key in PATH_KEYS and value and not os.path.isabs(value):
+        if key in PATH_KEYS and value and not os.path.isabs(value) and "://" not in value:  # a URL is no path
             value = os.path.join(base, value)
         values[key] = value
     return values

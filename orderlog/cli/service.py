@@ -22,7 +22,7 @@ from ..auth import ALGORITHMS, Keys
 from ..domain import Role
 from ..service import gcpolicy, logs
 from ..service.settings import Settings
-from ..store import Store, StoreError
+from ..store import StoreError, is_postgres, open_store
 from . import DEFAULT_DB, UsageError, config
 from .files import UntrustedFile, check_trusted, read_private, write_private
 
@@ -139,8 +139,13 @@ def load_or_create_secret(db: str, create: bool) -> tuple[str, bool]:
     """The HS256 secret stored next to the database (mode 0600); created if `create`.
 
     An existing file is used only if this user alone controls it (`files.read_private`): a
-    secret planted by someone else would let them mint staff tokens.
+    secret planted by someone else would let them mint staff tokens. A PostgreSQL log has no
+    file to keep it next to, and its nodes must all check tokens with the same key: there the
+    secret is always given (--jwt-secret or ORDERLOG_JWT_SECRET).
     """
+    if is_postgres(db):
+        raise UsageError("with a PostgreSQL --db, give every node the same secret: --jwt-secret or "
+                         "ORDERLOG_JWT_SECRET (or RS256/ES256 keys with --jwt-public-key)")
     path = secret_path(db)
     try:
         secret = read_private(path).strip()
@@ -279,6 +284,10 @@ def settings_from(args: argparse.Namespace, load_secret: bool = True,
         **_checkpoint_settings(args, load_secret, defaults, name),
         **_user_limits(args, defaults),
     )
+    if settings.checkpoint_key is not None and is_postgres(db):
+        # DB.checkpoints is a file next to a SQLite database; a URL has no "next to".
+        raise UsageError(f"{name('checkpoint_key')}: signed checkpoints are kept next to a SQLite file; "
+                         "not yet with a PostgreSQL --db (sign with `orderlog checkpoint` instead)")
     return settings, note
 
 
@@ -454,7 +463,7 @@ def _check_database(settings: Settings) -> None:
     """Open (creating or migrating) the database as the server will, then close it; UsageError
     with the store's one-line reason if it cannot be."""
     try:
-        Store.open(settings.db, create=True, synchronous=settings.synchronous).close()
+        open_store(settings.db, create=True, synchronous=settings.synchronous).close()
     except StoreError as exc:
         raise UsageError(str(exc)) from None
 
@@ -562,7 +571,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         "file (flags > environment > file > defaults). With no key "
         "configured, a random HS256 secret is created next to the database (mode 0600) and reused.",
     )
-    serve.add_argument("--db", help=f"database file, created if missing (env ORDERLOG_DB; default {DEFAULT_DB})")
+    serve.add_argument("--db", help="database file, created if missing, or a postgresql:// URL "
+                       f"(env ORDERLOG_DB; default {DEFAULT_DB})")
     serve.add_argument("--host", help="address to listen on (env ORDERLOG_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=_arg(_port), help="port, 0 for any free one (env ORDERLOG_PORT; default 8765)")
     _jwt_flags(serve, private=False)

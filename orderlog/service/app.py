@@ -38,7 +38,7 @@ from ..domain import ErrorCode, Rejected
 from ..limits import Slots, UserLimits
 from ..feed import FeedEvent, feed_event
 from ..records import Ack, BatchResult, Request
-from ..store import Store, Unavailable
+from ..store import Unavailable, open_store
 from ..store import checkpoints as stored_checkpoints
 from . import gcpolicy, http
 from .checkpointing import Checkpointer
@@ -69,7 +69,7 @@ SERVER_BUSY = "server busy"  # every slot for authenticated connections is taken
 class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store.open(settings.db, create=True, synchronous=settings.synchronous)
+        self.store = open_store(settings.db, create=True, synchronous=settings.synchronous)
         self.log_id = self.store.log_id
         self.readers = Readers(settings.db)
         head, head_hash = stored_checkpoints.head(self.store)
@@ -81,6 +81,9 @@ class Service:
         self.stopping = False
         self._behind = False  # the last publish stopped at PUBLISH_LIMIT: read on at once
         self._read_head = self.hub.head  # the last event a commit returned (published or about to be)
+        self._woken = False  # another node announced a head past _read_head: read the log at once
+        self._idle: trio.CancelScope | None = None  # the writer's wait for a command, while it waits
+        self._listener = None  # the store's wake-up from other nodes (PostgreSQL), while the writer runs
         self.write_error: str | None = None  # why the last commit failed, until one succeeds
         self.metrics = Metrics(head=lambda: self.hub.head, lag=self.max_lag)
         self.clock = Clock()
@@ -185,6 +188,7 @@ class Service:
         after its own commit.
         """
         self.writer_alive = True
+        self._listen()
         task_status.started()
         committed: Committed | None = None  # committed, not yet published and acked
         try:
@@ -192,11 +196,12 @@ class Service:
                 batch: list[Pending] = []
                 closed = False
                 if committed is None:  # nothing to do meanwhile: wait for a command (or poll)
-                    with trio.move_on_after(0 if self._behind else EXTERNAL_POLL):
+                    with trio.move_on_after(0 if self._behind or self._woken else EXTERNAL_POLL) as self._idle:
                         try:
                             batch.append(await self._receive_commands.receive())
                         except trio.EndOfChannel:
                             return
+                    self._idle = None
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._receive_commands.receive_nowait())
@@ -207,6 +212,7 @@ class Service:
                         break
                 commit = None
                 if batch or committed is None:  # an empty batch reads what another process wrote
+                    self._woken = False  # this commit reads every event committed before it
                     commit = InThread(self._commit, [p.request for p in batch], self._read_head)
                     started = time.perf_counter()
                 if committed is not None:
@@ -224,6 +230,29 @@ class Service:
             if committed is not None:
                 self._finish(committed)
             self.writer_alive = False
+
+    def _listen(self) -> None:
+        """Start the store's wake-up from other nodes, if it has one (PostgreSQL's LISTEN thread;
+        a SQLite file has no other writer worth waking for: the writer's poll finds theirs)."""
+        watch = getattr(self.store, "watch_head", None)
+        if watch is None:
+            return
+        token = trio.lowlevel.current_trio_token()
+
+        def on_head(seq: int) -> None:  # in the listener's thread
+            try:
+                token.run_sync_soon(self._wake, seq)
+            except trio.RunFinishedError:
+                pass
+
+        self._listener = watch(on_head)
+
+    def _wake(self, seq: int) -> None:
+        """Another node committed up to `seq` (0: unknown): read the log now, not at the next poll."""
+        if seq == 0 or seq > self._read_head:
+            self._woken = True
+            if self._idle is not None:
+                self._idle.cancel()
 
     async def _probe_writable(self) -> None:
         """While commits fail, try an empty one on each idle turn, so that /healthz recovers when
@@ -388,6 +417,8 @@ class Service:
                 await trio.sleep(DRAIN_POLL)
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
         self.readers.close()
         try:
             self.store.checkpoint()

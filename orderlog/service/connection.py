@@ -17,7 +17,7 @@ from ..domain import ErrorCode, Principal, Rejected, Role, authorize, can_see_or
 from ..feed import Channel, channel_frames
 from ..records import Ack, Request
 from ..snapshot import SnapshotPager
-from ..store import Store, snapshots
+from ..store import snapshots
 from ..wire import text_frame
 from .hub import Subscription
 from .metrics import channel_kind
@@ -208,7 +208,7 @@ class Connection:
         held = [(name, self.subs[name]) for name in sorted(self._held)]
         try:
             for name, sub in held:
-                order = await self.service.readers.run(Store.get_order, name[6:])
+                order = await self.service.readers.call("get_order", name[6:])
                 if not can_see_order(principal, order) and self.subs.get(name) is sub:
                     self.drop_subscription(name)
                     self.push(protocol.reply("unsubscribed", None, channel=name))
@@ -409,7 +409,7 @@ class Connection:
         service = self.service
         if request.channel.startswith("order:"):
             order_id = request.channel[6:]
-            order = await service.readers.run(Store.get_order, order_id)
+            order = await service.readers.call("get_order", order_id)
             if not can_see_order(principal, order):
                 raise protocol.ClientError(ErrorCode.NOT_FOUND, f"order {order_id!r} not found", request.id)
         head = service.hub.head
@@ -489,7 +489,7 @@ class Connection:
                                        {"head": head})
         if request.order_id is not None:
             if as_of is None:
-                order = await readers.run(Store.get_order, request.order_id)
+                order = await readers.call("get_order", request.order_id)
             else:
                 order = await readers.run(snapshots.order_at, request.order_id, as_of)
             if not can_see_order(principal, order):
@@ -497,7 +497,7 @@ class Connection:
             self.push(protocol.reply("order", request.id, order=order.to_json()))
         else:
             if as_of is None:
-                stock = await readers.run(Store.get_stock, request.sku)
+                stock = await readers.call("get_stock", request.sku)
             else:
                 stock = await readers.run(snapshots.stock_at, request.sku, as_of)
             if stock is None:
@@ -507,7 +507,7 @@ class Connection:
     async def _query(self, request: protocol.Query, principal: Principal) -> None:
         if not auth.can_query(principal):
             raise protocol.ClientError(ErrorCode.FORBIDDEN, "query is for staff and auditors", request.id)
-        events = await self.service.readers.run(Store.read_events, request.filter, request.limit + 1)
+        events = await self.service.readers.call("read_events", request.filter, request.limit + 1)
         more = len(events) > request.limit
         events = events[: request.limit]
         self.push(protocol.reply("result", request.id, events=[event_json(e) for e in events],
@@ -558,7 +558,7 @@ class Connection:
             frames, prev = channel_frames(channel, events, sub.prev)
         else:
             until = hub.head
-            frames, prev = await self.service.readers.run(Store.read_frames, channel, sub.cursor, until,
+            frames, prev = await self.service.readers.call("read_frames", channel, sub.cursor, until,
                                                           CATCHUP_PAGE, sub.prev)
             cursor = until if len(frames) < CATCHUP_PAGE else prev
             if self.subs.get(channel.name) is not sub or sub.attached:

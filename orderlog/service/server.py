@@ -9,6 +9,7 @@ import ssl
 
 import trio
 
+from ..store import display_name
 from . import logs
 from .app import WS_PATH, Service
 from .connection import GOING_AWAY
@@ -69,7 +70,7 @@ async def _serve(service: Service, stop: trio.Event, handle_signals: bool, task_
             scheme = "wss" if context is not None else "ws"
             url = f"{scheme}://{_url_host(settings.host)}:{port}{WS_PATH}"
             log.info("event=listening url=%s log_id=%s head=%d db=%s", url, service.log_id, service.hub.head,
-                     settings.db)
+                     display_name(settings.db))
             task_status.started(url)
             await stop.wait()
             # Stop accepting connections and commands, let the writer commit and answer what it

@@ -15,14 +15,14 @@ import trio
 from ..canonical import format_time
 from ..feed import FeedEvent
 from ..records import Request
-from ..store import Store
+from ..store import open_store
 
 if TYPE_CHECKING:
     from .connection import Connection
 
 log = logging.getLogger("orderlog")
 
-READERS = 2  # read-only SQLite connections for catch-up, get and query
+READERS = 2  # read-only connections for catch-up, get and query
 
 
 # -- storage access from trio -----------------------------------------------------------------
@@ -32,7 +32,7 @@ class Readers:
     """A few read-only connections, each used by one worker thread at a time."""
 
     def __init__(self, path: str, count: int = READERS):
-        self._free = [Store.open(path, readonly=True) for _ in range(count)]
+        self._free = [open_store(path, readonly=True) for _ in range(count)]
         self._all = list(self._free)
         self._limiter = trio.CapacityLimiter(count)
         # Bulk reads (snapshot steps) take turns on all but one reader, so that gets, queries and
@@ -51,6 +51,10 @@ class Readers:
         """`run`, for a long series of reads (a snapshot's steps): at most count - 1 at a time."""
         async with self._bulk:
             return await self.run(fn, *args)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """`store.<method>(*args)` on a free reader (SQLite or PostgreSQL, whichever the log is)."""
+        return await self.run(lambda store, *a: getattr(store, method)(*a), *args)
 
     def close(self) -> None:
         for store in self._all:

@@ -1,17 +1,15 @@
-"""The storage layer: the only code that holds SQL and sqlite3.
+"""The storage layer: the only code that holds SQL, sqlite3 and psycopg.
 
-- `log`: the event log (`Store`): migrations, group-committed appends, reads, projections.
-- `feedreads`: the feed's catch-up and read-back queries.
+- `backend`: which backend a `--db` names; `open_store` opens either (one interface).
+- `log`: the SQLite event log (`Store`): migrations, group-committed appends, reads, projections.
+- `postgres`: the same log on PostgreSQL (`PgStore`), shared by several nodes.
+- `feedreads`: the feed's catch-up and read-back queries (SQLite).
 - `audit`: verify and stats.
 - `seeding`: the bulk load of `orderlog seed`.
 """
 
-import sqlite3
+from .backend import database_errors, display_name, is_postgres, known_migrations, open_store, schema_version_of
+from .log import Store, StoreError, Unavailable, migrations
 
-from .log import Store, StoreError, Unavailable, migrations, schema_version_of
-
-# What a database raises for a problem no check foresaw (a damaged page, say): the CLI turns it
-# into one line instead of a traceback.
-DatabaseError = sqlite3.DatabaseError
-
-__all__ = ["DatabaseError", "Store", "StoreError", "Unavailable", "migrations", "schema_version_of"]
+__all__ = ["database_errors", "Store", "StoreError", "Unavailable", "display_name", "is_postgres", "known_migrations",
+           "migrations", "open_store", "schema_version_of"]

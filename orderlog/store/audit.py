@@ -6,15 +6,14 @@ what docs/protocol.md section 5 promises (seq 1, 2, 3 ... without gaps; per-stre
 and stops at the FIRST event that breaks a promise, naming its seq and what is wrong.
 `compare_projections` is pure too: it names the first order or sku whose stored projection
 differs from a fresh fold of the log. `verify_store` runs both over one read snapshot of a
-store, so a writer appending meanwhile cannot make a sound log look broken.
+store (SQLite or PostgreSQL: only the store's public methods are used here), so a writer
+appending meanwhile cannot make a sound log look broken.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import sqlite3
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
@@ -22,7 +21,7 @@ import attrs
 from ..canonical import ZERO_HASH, event_from_json, event_hash
 from ..checkpoint import Checkpoint
 from ..domain import Event, State
-from .log import EVENT_COLUMNS, Store
+from .log import Store
 
 Progress = Callable[[int, int], None]
 PROGRESS_EVERY = 10_000  # events between progress calls
@@ -165,9 +164,9 @@ class VerifyResult:
     problem: str | None = None
 
 
-def stored_events(conn: sqlite3.Connection) -> Iterator[Event]:
+def stored_events(store: Store) -> Iterator[Event]:
     """Every stored event row as an Event, in seq order; `CorruptRow` for a row that is not one."""
-    for row in conn.execute(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq"):
+    for row in store.iter_event_rows():
         seq, stream, version, type_, at, actor, command_id, data, hash_ = row
         try:
             decoded = json.loads(data)
@@ -196,16 +195,14 @@ def verify_store(
 ) -> VerifyResult:
     """Check the whole log and the projections of `store` within one read snapshot, and that
     the log holds every one of `checkpoints` (verified signatures) and extends it."""
-    conn = store.conn
     for point in checkpoints:
         if point.log_id != store.log_id:
             return VerifyResult(False, 0, store.head(), "", problem=(
                 f"the checkpoint of seq {point.seq} is of log {point.log_id}, this is log {store.log_id} "
                 "(another log, or its log_id was changed)"))
-    conn.execute("BEGIN")  # one snapshot for every read below (WAL readers never block the writer)
-    try:
+    with store.read_snapshot():  # one snapshot for every read below (readers never block the writer)
         head = store.head()
-        chain = check_chain(stored_events(conn), chain_progress, head, checkpoints)
+        chain = check_chain(stored_events(store), chain_progress, head, checkpoints)
         if chain.problem is not None:
             return VerifyResult(False, chain.count, head, chain.last_hash, problem=chain.problem)
         try:
@@ -221,42 +218,24 @@ def verify_store(
             problem += "; `orderlog rebuild` recomputes them"
         return VerifyResult(problem is None, chain.count, head, chain.last_hash,
                             len(folded.orders), len(folded.stock), problem)
-    finally:
-        conn.execute("ROLLBACK")
 
 
 def stats(store: Store) -> dict[str, Any]:
     """Counts an operator wants at a glance: head, events by type, orders by status, sizes."""
-    conn = store.conn
-    conn.execute("BEGIN")
-    try:
+    with store.read_snapshot():
         head = store.head()
-        by_type = dict(conn.execute("SELECT type, count(*) FROM events GROUP BY type ORDER BY type"))
-        by_status = dict(conn.execute("SELECT status, count(*) FROM orders GROUP BY status ORDER BY status"))
-        skus, available, reserved = conn.execute(
-            "SELECT count(*), coalesce(sum(available), 0), coalesce(sum(reserved), 0) FROM stock").fetchone()
-        schema = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+        schema = store.schema_version()
         projection_seq = store.projection_seq()
-    finally:
-        conn.execute("ROLLBACK")
-    db_bytes = _size(store.path)
-    wal_bytes = _size(store.path + "-wal")
+        counts = store.counts()
     return {
         "path": store.path,
         "log_id": store.log_id,
         "head": head,
         "schema_version": schema,
         "projection_seq": projection_seq,
-        "events_by_type": by_type,
-        "orders": sum(by_status.values()),
-        "orders_by_status": by_status,
-        "stock": {"skus": skus, "available": available, "reserved": reserved},
-        "file": {"db_bytes": db_bytes, "wal_bytes": wal_bytes, "total_bytes": db_bytes + wal_bytes},
+        "events_by_type": counts["events_by_type"],
+        "orders": sum(counts["orders_by_status"].values()),
+        "orders_by_status": counts["orders_by_status"],
+        "stock": counts["stock"],
+        "file": counts["file"],
     }
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0

@@ -21,8 +21,7 @@ TAIL_BYTES = 64 * 1024  # how much of the file's end `latest` reads (a line is a
 
 def head(store: Store) -> tuple[int, str | None]:
     """(seq, hash) of the newest committed event; (0, None) for an empty log."""
-    row = store.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-    return (row[0], row[1]) if row else (0, None)
+    return store.last_event()
 
 
 def checkpoints_path(db: str) -> str:

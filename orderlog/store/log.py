@@ -48,7 +48,7 @@ class Store:
     - opening and closing: `Store.open(path, create=, readonly=, synchronous=, migrate_schema=)`,
       `close()`, `checkpoint()`; attributes `path`, `readonly`, `log_id`.
     - schema: `schema_version()`, `applied_migrations(after)`.
-    - reading: `head()`, `projection_seq()`, `get_order(id)`, `get_stock(sku)`,
+    - reading: `head()`, `last_event()`, `projection_seq()`, `get_order(id)`, `get_stock(sku)`,
       `read_events(filter, limit)`, `iter_events(filter, page)`, `read_feed(channel, after,
       until, limit)`, `read_frames(channel, after, until, limit, prev)`.
     - writing: `execute_batch(requests) -> BatchResult`, `probe_writable()`.
@@ -116,6 +116,11 @@ class Store:
         """The seq of the newest committed event (0 for an empty log)."""
         row = self.conn.execute("SELECT max(seq) FROM events").fetchone()
         return row[0] or 0
+
+    def last_event(self) -> tuple[int, str | None]:
+        """(seq, hash) of the newest committed event; (0, None) for an empty log."""
+        row = self.conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, None)
 
     def projection_seq(self) -> int:
         """The seq up to which the projections are the fold of the log."""

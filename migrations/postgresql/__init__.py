@@ -1,0 +1,1 @@
+"""The numbered PostgreSQL migrations, shipped inside the package as ``orderlog.migrations.postgresql``."""
