@@ -119,6 +119,13 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _pids(text: str) -> str:
+    """--server-pid: one pid or several, comma-separated."""
+    if not all(part.strip().isdigit() for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"not a pid or a list of pids: {text!r}")
+    return text
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -141,9 +148,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("scenarios", nargs="+", choices=[*SCENARIOS, "all"], metavar="SCENARIO",
                    help="commands, fanout, replay, connections, stall, or all")
-    p.add_argument("--url", help="bench a running server instead (needs --jwt-secret; no CPU/RSS unless --server-pid)")
+    p.add_argument("--url", help="bench a running server instead (needs --jwt-secret; no CPU/RSS unless --server-pid); "
+                   "several nodes of one log as URL1,URL2,...: fanout spreads its subscriber processes over them")
     p.add_argument("--jwt-secret", help="the server's HS256 secret, with --url")
-    p.add_argument("--server-pid", type=int, help="with --url: the server's pid, for CPU and RSS figures")
+    p.add_argument("--server-pid", type=_pids, help="with --url: the server's pid (PID1,PID2,... for several nodes: "
+                   "CPU is summed), for CPU and RSS figures")
     p.add_argument("--baseline", action="store_true", help="also run the baselines (needs the `bench` extra)")
     p.add_argument("--repeat", type=_positive(int), default=1, help="runs per target; medians are reported (default 1)")
     p.add_argument("--procs", type=_positive(int), default=2, help="client processes (default 2)")

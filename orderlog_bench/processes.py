@@ -32,24 +32,30 @@ class Target:
     """A server under load: orderlog or a baseline, started by us (or given with --url)."""
 
     def __init__(self, name: str, url: str, pid: int | None, proc: subprocess.Popen | None, log: Path | None,
-                 db: str | None = None):
+                 db: str | None = None, urls: list[str] | None = None, pids: list[int] | None = None):
         self.name = name
         self.url = url
+        self.urls = urls or [url]  # several nodes serving one log (--url A,B,C); `url` is the first
         self.pid = pid
+        self.pids = pids or ([pid] if pid is not None else [])  # CPU figures sum over these
         self.proc = proc
         self.log = log
         self.db = db
 
     def cpu(self) -> float | None:
-        """Seconds of CPU (user + system, all threads) the server used so far."""
-        if self.pid is None:
+        """Seconds of CPU (user + system, all threads) the server used so far (summed over
+        its nodes' processes)."""
+        if not self.pids:
             return None
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLK_TCK
-        except (OSError, IndexError, ValueError):
-            return None
+        total = 0.0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            except (OSError, IndexError, ValueError):
+                return None
+        return total
 
     def status(self, key: str) -> int | None:
         """A /proc/<pid>/status size (VmRSS, VmHWM) in bytes."""

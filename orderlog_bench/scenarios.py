@@ -116,8 +116,10 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
     subs += [(tokens(user, "customer"), user, "customer", "orders", f"order:{user}.") for user in customers]
     tag = f"f{time.time_ns() % 10**10}"
     with Pool() as pool:
-        subscriber_ids = [pool.start(subscriber_role, {"url": target.url, "subs": chunk, "latency": True})
-                          for chunk in split(subs, o.procs)]
+        # With several nodes (--url A,B,C) each client process subscribes through one of them.
+        subscriber_ids = [pool.start(subscriber_role, {"url": target.urls[i % len(target.urls)], "subs": chunk,
+                                                       "latency": True})
+                          for i, chunk in enumerate(split(subs, o.procs))]
         ready = pool.gather("ready", SETUP_TIMEOUT + 30, subscriber_ids)
         problems = _problems(*(r["errors"] for r in ready))
         driver = pool.start(driver_role, {"url": target.url, "token": tokens("fan-driver", "staff"),
@@ -388,7 +390,9 @@ def run_scenario(scenario: str, o: argparse.Namespace, tokens: Tokens, workdir: 
             target: Target | None = None
             try:  # a server that does not start is a FAILED run too, not a traceback
                 if name == "orderlog" and o.url:
-                    target = Target("orderlog", o.url, o.server_pid, None, None)
+                    urls = o.url.split(",")
+                    pids = [int(p) for p in o.server_pid.split(",")] if o.server_pid else []
+                    target = Target("orderlog", urls[0], pids[0] if pids else None, None, None, urls=urls, pids=pids)
                 else:
                     db = str(replay_db) if replay_db else str(workdir / f"{scenario}-{attempt}.db")
                     target = start_server(name, workdir, tokens.secret, db=db, args=server_args(scenario, o),
