@@ -272,3 +272,72 @@ async def test_two_serve_nodes_share_one_log(pg_url, tmp_path):
         _check_log(store)
     finally:
         store.close()
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def _terminate_node_connections(url: str) -> int:
+    """pg_terminate_backend on every other connection to the database at `url` (a node's writer,
+    readers and listener); returns how many."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+    return len(rows)
+
+
+async def test_terminated_connections_answer_unavailable_then_recover_with_nothing_acked_lost(pg_url):
+    """A node's PostgreSQL connections are terminated (pg_terminate_backend) three times while a
+    client sends commands: a command meanwhile gets `unavailable` (never an internal error) and is
+    retried with its id; every acked command is in the log exactly once, a subscriber that stays
+    connected gets every event once and in order, /healthz is 200 again, and verify passes."""
+    from test_faults import health
+
+    with ServerProcess(pg_url) as node:
+        url = await node.started()
+        acked: dict[str, dict] = {}
+        unavailable = 0
+        async with session(url, "s-1", "staff") as staff, session(url, "a-1", "auditor") as watcher:
+            await watcher.subscribe("inventory", since=0)
+            await watcher.live("inventory")
+
+            async def terminate() -> None:
+                for _ in range(3):
+                    await trio.sleep(0.4)
+                    assert await trio.to_thread.run_sync(_terminate_node_connections, pg_url) >= 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(terminate)
+                for i in range(40):
+                    command_id = f"k-{i}"
+                    with trio.fail_after(30):
+                        while True:
+                            reply = await staff.command("add_stock", data={"sku": "sku-a", "quantity": 1},
+                                                        command_id=command_id)
+                            if reply["type"] == "ack":
+                                acked[command_id] = reply
+                                break
+                            assert reply["code"] == "unavailable", reply
+                            unavailable += 1
+                            await trio.sleep(0.1)
+                    await trio.sleep(0.03)
+            head = max(a["seq"] for a in acked.values())
+            got = _events_of(await watcher.until(lambda f: f.get("type") in EVENT_TYPES and f["seq"] >= head,
+                                                 timeout=20))
+            assert [e["seq"] for e in got] == list(range(1, head + 1))
+            assert all(e["prev"] == e["seq"] - 1 for e in got)
+            with trio.fail_after(20):
+                while (await health(url))[0] != 200:
+                    await trio.sleep(0.2)
+        assert node.stop() == 0
+        assert "Traceback" not in node.stderr, node.stderr[-3000:]
+    store = open_store(pg_url, readonly=True)
+    try:
+        events = store.read_events(Filter(actor="s-1"), limit=None)
+        assert sorted(e.command_id for e in events) == sorted(acked)  # each acked command exactly once
+        assert {e.command_id: e.seq for e in events} == {k: a["seq"] for k, a in acked.items()}
+        _check_log(store)
+    finally:
+        store.close()

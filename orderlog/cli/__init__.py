@@ -31,6 +31,7 @@ from ..records import Filter
 from ..store import (
     Store,
     StoreError,
+    Unavailable,
     audit,
     database_errors,
     display_name,
@@ -83,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except (StoreError, UsageError) as exc:
         return _fail(str(exc))
+    except Unavailable as exc:  # the database went away meanwhile (PostgreSQL restarting, say)
+        return _fail(f"{display_name(_db_path_of(argv))}: unavailable: {exc}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

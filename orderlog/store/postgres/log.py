@@ -115,11 +115,17 @@ class PgStore:
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
+        """A connection for one call (the snapshot's, inside read_snapshot). A connection lost
+        meanwhile (PostgreSQL restarting, a terminated backend) raises Unavailable; the pool
+        replaces it, so a later call works again."""
         if self._pinned is not None:
             yield self._pinned
-        else:
+            return
+        try:
             with self.pool.connection() as conn:
                 yield conn
+        except psycopg.OperationalError as exc:
+            raise Unavailable(schema.reason(exc)) from None
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         with self._conn() as conn:
@@ -246,18 +252,15 @@ class PgStore:
         """
         if not requests:
             return BatchResult([])
-        try:
-            with self._conn() as conn, conn.transaction():
-                seq, hash_ = conn.execute("SELECT seq, hash FROM log_head FOR UPDATE").fetchone()  # type: ignore[misc]
-                # Another node appended since our last batch (or nothing is known yet): the cache is dropped.
-                self._cache.check((seq, hash_) if seq else None)
-                last = LastEvent(seq, bytes.fromhex(hash_)) if seq else LastEvent(0, ZERO_HASH)
-                state = self._cache.load_state(requests, lambda ids: _load_orders(conn, ids),
-                                               lambda skus: _load_stock(conn, skus))
-                decision = decide_batch(requests, state, last, _stored_acks(conn, requests))
-                _write_batch(conn, decision.rows)
-        except psycopg.OperationalError as exc:
-            raise Unavailable(schema.reason(exc)) from None
+        with self._conn() as conn, conn.transaction():
+            seq, hash_ = conn.execute("SELECT seq, hash FROM log_head FOR UPDATE").fetchone()  # type: ignore[misc]
+            # Another node appended since our last batch (or nothing is known yet): the cache is dropped.
+            self._cache.check((seq, hash_) if seq else None)
+            last = LastEvent(seq, bytes.fromhex(hash_)) if seq else LastEvent(0, ZERO_HASH)
+            state = self._cache.load_state(requests, lambda ids: _load_orders(conn, ids),
+                                           lambda skus: _load_stock(conn, skus))
+            decision = decide_batch(requests, state, last, _stored_acks(conn, requests))
+            _write_batch(conn, decision.rows)
         rows = decision.rows
         if rows.events:
             newest = rows.events[-1]
@@ -267,11 +270,8 @@ class PgStore:
     def probe_writable(self) -> None:
         """Commit a transaction that touches the log's head row, to learn whether PostgreSQL takes
         writes again; raise Unavailable if it does not."""
-        try:
-            with self._conn() as conn, conn.transaction():
-                conn.execute("UPDATE log_head SET seq = seq")
-        except psycopg.OperationalError as exc:
-            raise Unavailable(schema.reason(exc)) from None
+        with self._conn() as conn, conn.transaction():
+            conn.execute("UPDATE log_head SET seq = seq")
 
     # projections ------------------------------------------------------------------------
 
