@@ -33,6 +33,7 @@ from ..store import (
     StoreError,
     Unavailable,
     audit,
+    copying,
     database_errors,
     display_name,
     is_postgres,
@@ -230,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synchronous", type=str.upper, choices=("FULL", "NORMAL", "OFF"), default="FULL",
                    help="SQLite's synchronous setting for the writes (default FULL: durable at every commit)")
     p.set_defaults(func=cmd_seed)
+
+    p = subparsers.add_parser(
+        "copy", help="copy a whole log to a new database (SQLite <-> PostgreSQL)",
+        description="Copy every event, idempotency record and projection, with the log_id, from "
+        "one database to another: a SQLite file or a postgresql:// URL on either side. The copy is "
+        "the same log (same seqs, hashes and log_id; `orderlog verify` passes on it). The source "
+        "is read in one snapshot, so a server may keep running on it; the destination is created "
+        "if missing and must not hold a log yet.",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="DB", help="the log to copy (file or URL)")
+    p.add_argument("--to", dest="destination", required=True, metavar="DB", help="the new log (file or URL)")
+    p.set_defaults(func=cmd_copy)
 
     from . import checkpoints, service, state
 
@@ -537,6 +550,28 @@ def _bytes(n: int) -> str:
             return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+# -- copy -------------------------------------------------------------------------------------
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    """`orderlog copy --from SRC --to DST`: the whole log into a new database."""
+    started = time.perf_counter()
+    source = open_store(args.source, readonly=True)
+    try:
+        destination = open_store(args.destination, create=True)
+        try:
+            report = copying.copy_log(source, destination)
+        finally:
+            destination.close()
+    finally:
+        source.close()
+    rows = report.rows
+    print(f"copied {display_name(args.source)} to {display_name(args.destination)}: {rows['events']:,} events "
+          f"(head {report.head}, log_id {report.log_id}), {rows['commands']:,} commands, {rows['orders']:,} orders, "
+          f"{rows['stock']:,} skus in {time.perf_counter() - started:.1f} s")
+    return 0
 
 
 # -- seed -------------------------------------------------------------------------------------

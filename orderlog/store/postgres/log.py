@@ -37,6 +37,7 @@ from ...records import Ack, BatchResult, Filter, Request
 from ..batch import BatchRows, LastEvent, StoredAcks, decide_batch
 from ..log import EVENT_COLUMNS, StoreError, Unavailable, row_to_event
 from ..projections import ORDER_COLUMNS, STOCK_COLUMNS, ProjectionCache, row_to_order, row_to_stock
+from ..copying import LOG_TABLES
 from . import schema
 from .listen import HEAD_CHANNEL, HeadListener
 
@@ -235,6 +236,36 @@ class PgStore:
             "stock": {"skus": skus, "available": int(available), "reserved": int(reserved)},
             "file": {"db_bytes": int(size), "wal_bytes": 0, "total_bytes": int(size)},
         }
+
+    def table_rows(self, table: str, columns: str) -> Iterator[tuple]:
+        """Every row of one of the log's tables (copying.LOG_TABLES), read by a server-side
+        cursor in the caller's read_snapshot."""
+        assert self._pinned is not None, "table_rows reads inside read_snapshot()"
+        with self._pinned.cursor(name=f"copy_{table}") as cursor:
+            cursor.itersize = READ_PAGE
+            cursor.execute(f"SELECT {columns} FROM {table} ORDER BY 1, 2")
+            yield from cursor
+
+    def load_log(self, log_id: str, projection_seq: int, tables: list[tuple[str, str, Any]]) -> None:
+        """Write a whole log copied from elsewhere (copying.copy_log) into this empty one, in one
+        transaction; StoreError if it is not empty."""
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SELECT seq FROM log_head FOR UPDATE")  # no append meanwhile
+            for table, _ in LOG_TABLES:
+                if conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:  # type: ignore[index]
+                    raise StoreError(f"{self.path}: not empty (it has {table}); copy only into a new log")
+            with conn.cursor() as cursor:
+                for table, columns, rows in tables:
+                    with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+            events = tables[0][2]
+            if events.last is not None:
+                conn.execute("UPDATE log_head SET seq = %s, hash = %s", (events.last[0], events.last[8]))
+            conn.execute("UPDATE meta SET value = %s WHERE key = 'log_id'", (log_id,))
+            _set_projection_seq(conn, projection_seq)
+        self.log_id = log_id
+        self._cache.forget()
 
     def watch_head(self, on_head: Callable[[int], None]) -> HeadListener:
         """Start this node's listener: `on_head(seq)` runs in its thread whenever another node
