@@ -12,8 +12,10 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .log import Store, StoreError
-from .log import schema_version_of as _sqlite_schema_version_of
+from .log import Store
+from .schema import StoreError
+from .schema import migrations as _sqlite_migrations
+from .schema import schema_version_of as _sqlite_schema_version_of
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -71,6 +73,4 @@ def known_migrations(db: str) -> int:
     """How many migrations this orderlog knows for the backend `db` names."""
     if is_postgres(db):
         return len(_postgres().migrations())
-    from .log import migrations
-
-    return len(migrations())
+    return len(_sqlite_migrations())

@@ -13,9 +13,11 @@ This module does blocking I/O: the service calls it from a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 
@@ -24,6 +26,7 @@ from ..domain import Event, Order, State, Stock, evolve_order, evolve_stock, fol
 from ..feed import Channel, FeedEvent
 from ..records import Ack, BatchResult, Filter, Request
 from . import feedreads, projections
+from .copying import LOG_TABLES
 from .batch import BatchRows, CommandKey, LastEvent, StoredAcks, decide_batch
 from .projections import ORDER_COLUMNS, STOCK_COLUMNS, ProjectionCache, row_to_order, row_to_stock
 from .schema import SYNCHRONOUS_MODES, StoreError, Unavailable, applied, connect, migrations, schema_version_of, sqlite_reason
@@ -136,7 +139,7 @@ class Store:
 
     def read_events(self, filt: Filter = Filter(), limit: int | None = 1000) -> list[Event]:
         """Events matching `filt` with seq > filt.after, in seq order, at most `limit`."""
-        sql, params = _filter_sql(filt)
+        sql, params = filter_sql(filt)
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -151,6 +154,62 @@ class Store:
             if len(batch) < page:
                 return
             after = batch[-1].seq
+
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Every read of this store inside the block sees one snapshot of the log (WAL readers
+        never block the writer)."""
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("ROLLBACK")
+
+    def iter_event_rows(self) -> Iterator[tuple]:
+        """Every stored event row (EVENT_COLUMNS, data as stored text), in seq order."""
+        return iter(self.conn.execute(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq"))
+
+    def counts(self) -> dict[str, Any]:
+        """What `orderlog stats` shows, read in the caller's snapshot."""
+        conn = self.conn
+        skus, available, reserved = conn.execute(
+            "SELECT count(*), coalesce(sum(available), 0), coalesce(sum(reserved), 0) FROM stock").fetchone()
+        db_bytes, wal_bytes = _size(self.path), _size(self.path + "-wal")
+        return {
+            "events_by_type": dict(conn.execute("SELECT type, count(*) FROM events GROUP BY type ORDER BY type")),
+            "orders_by_status": dict(conn.execute("SELECT status, count(*) FROM orders GROUP BY status ORDER BY status")),
+            "stock": {"skus": skus, "available": available, "reserved": reserved},
+            "file": {"db_bytes": db_bytes, "wal_bytes": wal_bytes, "total_bytes": db_bytes + wal_bytes},
+        }
+
+    def table_rows(self, table: str, columns: str) -> Iterator[tuple]:
+        """Every row of one of the log's tables (copying.LOG_TABLES), in the caller's read_snapshot."""
+        return iter(self.conn.execute(f"SELECT {columns} FROM {table} ORDER BY 1, 2"))
+
+    def load_log(self, log_id: str, projection_seq: int, tables: list[tuple[str, str, Iterable[tuple]]]) -> None:
+        """Write a whole log copied from elsewhere (copying.copy_log) into this empty one, in one
+        transaction; StoreError if it is not empty."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table, _ in LOG_TABLES:
+                if self.conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]:
+                    raise StoreError(f"{self.path}: not empty (it has {table}); copy only into a new log")
+            for table, columns, rows in tables:
+                marks = ",".join("?" * len(columns.split(",")))
+                self.conn.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'log_id'", (log_id,))
+            projections.set_projection_seq(self.conn, projection_seq)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self.log_id = log_id
+        self._cache.forget()
+
+    def watch_head(self, on_head: Callable[[int], None]) -> None:
+        """No wake-up from other writers on a SQLite file (the service's poll finds their
+        appends); PostgreSQL's store has one (PgStore.watch_head)."""
+        return None
 
     def read_feed(self, channel: Channel | None, after: int, until: int, limit: int) -> list[FeedEvent]:
         """Committed events with after < seq <= until that `channel` sees (all if None), in order."""
@@ -200,7 +259,10 @@ class Store:
         # Another writer appended (or nothing is known yet): the cache is dropped, all read.
         self._cache.check((row[0], row[1]) if row else None)
         last = LastEvent(row[0], bytes.fromhex(row[1])) if row else LastEvent(0, ZERO_HASH)
-        return self._cache.load_state(self.conn, requests), last, self._stored_acks(requests)
+        conn = self.conn
+        state = self._cache.load_state(requests, lambda ids: projections.load_orders(conn, ids),
+                                       lambda skus: projections.load_stock(conn, skus))
+        return state, last, self._stored_acks(requests)
 
     def _stored_acks(self, requests: Sequence[Request]) -> StoredAcks:
         """The stored acks of the batch's (actor, command id) keys, in a few queries."""
@@ -354,7 +416,9 @@ _FILTER_CLAUSES = (
 )
 
 
-def _filter_sql(filt: Filter) -> tuple[str, list[Any]]:
+def filter_sql(filt: Filter, mark: str = "?") -> tuple[str, list[Any]]:
+    """The SELECT of the events matching `filt`, in seq order, with `mark` as the parameter
+    placeholder (SQLite's ?, psycopg's %s), and its parameters."""
     where = ["seq > ?"]
     params: list[Any] = [filt.after]
     for field, clause in _FILTER_CLAUSES:
@@ -365,4 +429,12 @@ def _filter_sql(filt: Filter) -> tuple[str, list[Any]]:
     if filt.types is not None:
         where.append(f"type IN ({','.join('?' * len(filt.types))})")
         params.extend(filt.types)
-    return f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq", params
+    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
+    return (sql if mark == "?" else sql.replace("?", mark)), params
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

@@ -153,15 +153,17 @@ class ProjectionCache:
         self.orders.clear()
         self.stock.clear()
 
-    def load_state(self, conn: sqlite3.Connection, requests: Sequence[Request]) -> State:
-        """The orders and stock levels the batch's commands may touch, from the cache or the tables."""
+    def load_state(self, requests: Sequence[Request], load_orders: Callable[[set[str]], dict[str, Order]],
+                   load_stock: Callable[[set[str]], dict[str, Stock]]) -> State:
+        """The orders and stock levels the batch's commands may touch, from the cache or else
+        through the backend's `load_orders(ids)` and `load_stock(skus)`."""
         order_ids, skus = touched_keys(requests)
         orders = _cached(self.orders, order_ids)
-        orders.update(load_orders(conn, order_ids - orders.keys()))
+        orders.update(load_orders(order_ids - orders.keys()))
         for order in orders.values():
             skus.update(sku for sku, _ in order.items)
         stock = _cached(self.stock, skus)
-        stock.update(load_stock(conn, skus - stock.keys()))
+        stock.update(load_stock(skus - stock.keys()))
         return State(orders, stock)
 
     def remember(self, orders: Mapping[str, Order], stock: Mapping[str, Stock], last: tuple[int, str]) -> None:

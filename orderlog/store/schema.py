@@ -53,10 +53,11 @@ def sqlite_reason(exc: BaseException) -> str:
 # -- migrations -------------------------------------------------------------------------------
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """The numbered SQL files, in order: (number, file name, SQL)."""
+def migrations(package: str = "orderlog.migrations") -> list[tuple[int, str, str]]:
+    """The numbered SQL files of `package` (SQLite's; PostgreSQL's are in
+    orderlog.migrations.postgresql), in order: (number, file name, SQL)."""
     found = []
-    for entry in importlib.resources.files("orderlog.migrations").iterdir():
+    for entry in importlib.resources.files(package).iterdir():
         match = re.match(r"^(\d+)_.*\.sql$", entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))

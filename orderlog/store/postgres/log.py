@@ -35,7 +35,8 @@ from ...domain import Event, Order, State, Stock, evolve_order, evolve_stock, fo
 from ...feed import FEED_COLUMNS, Channel, FeedEvent, channel_frames, feed_event
 from ...records import Ack, BatchResult, Filter, Request
 from ..batch import BatchRows, LastEvent, StoredAcks, decide_batch
-from ..log import EVENT_COLUMNS, StoreError, Unavailable, row_to_event
+from ..log import EVENT_COLUMNS, filter_sql, row_to_event
+from ..schema import StoreError, Unavailable
 from ..projections import ORDER_COLUMNS, STOCK_COLUMNS, ProjectionCache, row_to_order, row_to_stock
 from ..copying import LOG_TABLES
 from . import schema
@@ -180,7 +181,7 @@ class PgStore:
 
     def read_events(self, filt: Filter = Filter(), limit: int | None = 1000) -> list[Event]:
         """Events matching `filt` with seq > filt.after, in seq order, at most `limit`."""
-        sql, params = _filter_sql(filt)
+        sql, params = filter_sql(filt, "%s")
         if limit is not None:
             sql += " LIMIT %s"
             params.append(limit)
@@ -199,7 +200,7 @@ class PgStore:
     def _pages(self, filt: Filter, page: int) -> Iterator[list[tuple]]:
         after = filt.after
         while True:
-            sql, params = _filter_sql(attrs.evolve(filt, after=after))
+            sql, params = filter_sql(attrs.evolve(filt, after=after), "%s")
             rows = self._all(sql + " LIMIT %s", [*params, page])
             yield rows
             if len(rows) < page:
@@ -440,30 +441,6 @@ def _set_projection_seq(conn: psycopg.Connection, seq: int) -> None:
 
 
 # -- reads ------------------------------------------------------------------------------------
-
-_FILTER_CLAUSES = (
-    ("stream", "stream = %s"),
-    ("order_id", "order_id = %s"),
-    ("actor", "actor = %s"),
-    ("until", "seq <= %s"),
-    ("from_time", "at >= %s"),
-    ("to_time", "at < %s"),
-)
-
-
-def _filter_sql(filt: Filter) -> tuple[str, list[Any]]:
-    where = ["seq > %s"]
-    params: list[Any] = [filt.after]
-    for field, clause in _FILTER_CLAUSES:
-        value = getattr(filt, field)
-        if value is not None:
-            where.append(clause)
-            params.append(value)
-    if filt.types is not None:
-        where.append("type = ANY(%s)")
-        params.append(list(filt.types))
-    return f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq", params
-
 
 def _channel_where(channel: Channel) -> tuple[str, list[Any]]:
     """The WHERE clause (beyond the seq range) selecting this channel's visible events."""

@@ -4,16 +4,15 @@ nodes starting at once apply each exactly once)."""
 
 from __future__ import annotations
 
-import importlib.resources
-import re
 import secrets
 from datetime import datetime, timezone
 
 import psycopg
 
 from ...canonical import format_time
+from .. import schema as sqlite_schema
 from ..backend import display_name as display_url
-from ..log import StoreError
+from ..schema import StoreError
 
 MIGRATIONS_PACKAGE = "orderlog.migrations.postgresql"
 MIGRATE_LOCK = 0x6F72_6465_726C_6F67  # pg_advisory_xact_lock key taken while migrating ("orderlog")
@@ -22,16 +21,7 @@ CONNECT_TIMEOUT = 5  # seconds for one connection attempt
 
 def migrations() -> list[tuple[int, str, str]]:
     """The numbered PostgreSQL SQL files, in order: (number, file name, SQL)."""
-    found = []
-    for entry in importlib.resources.files(MIGRATIONS_PACKAGE).iterdir():
-        match = re.match(r"^(\d+)_.*\.sql$", entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    numbers = [n for n, _, _ in found]
-    if numbers != list(range(1, len(numbers) + 1)):
-        raise RuntimeError(f"migrations are not numbered 1..N without gaps: {numbers}")
-    return found
+    return sqlite_schema.migrations(MIGRATIONS_PACKAGE)
 
 
 def connect(url: str) -> psycopg.Connection:
