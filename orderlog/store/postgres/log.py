@@ -31,7 +31,7 @@ import psycopg
 import psycopg_pool
 
 from ...canonical import ZERO_HASH, dumps_validated
-from ...domain import Event, Order, State, Stock, evolve_order, evolve_stock, fold
+from ...domain import Event, Order, Role, State, Stock, evolve_order, evolve_stock, fold
 from ...feed import FEED_COLUMNS, Channel, FeedEvent, channel_frames, feed_event
 from ...records import Ack, BatchResult, Filter, Request
 from ..batch import BatchRows, LastEvent, StoredAcks, decide_batch
@@ -445,7 +445,7 @@ def _set_projection_seq(conn: psycopg.Connection, seq: int) -> None:
 def _channel_where(channel: Channel) -> tuple[str, list[Any]]:
     """The WHERE clause (beyond the seq range) selecting this channel's visible events."""
     if channel.name == "orders":
-        if channel.principal.role == "customer":
+        if channel.principal.role == Role.CUSTOMER:
             return "owner = %s AND starts_with(stream, 'order:')", [channel.principal.user]
         return "starts_with(stream, 'order:')", []
     if channel.name == "inventory":
