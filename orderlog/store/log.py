@@ -1,4 +1,5 @@
 """The SQLite event log (`Store`): group-committed appends, reads, projections, hash chain.
+(`postgres.PgStore` is the same interface on PostgreSQL; `backend.open_store` picks one.)
 
 One file in WAL mode. One writer at a time (``BEGIN IMMEDIATE``), any number of readers
 (read-only connections see a committed prefix of the log). Every write is one transaction
@@ -26,8 +27,8 @@ from ..domain import Event, Order, State, Stock, evolve_order, evolve_stock, fol
 from ..feed import Channel, FeedEvent
 from ..records import Ack, BatchResult, Filter, Request
 from . import feedreads, projections
-from .copying import LOG_TABLES
 from .batch import BatchRows, CommandKey, LastEvent, StoredAcks, decide_batch
+from .copying import LOG_TABLES
 from .projections import ORDER_COLUMNS, STOCK_COLUMNS, ProjectionCache, row_to_order, row_to_stock
 from .schema import SYNCHRONOUS_MODES, StoreError, Unavailable, applied, connect, migrations, schema_version_of, sqlite_reason
 
@@ -45,16 +46,21 @@ def row_to_event(row: Sequence[Any]) -> Event:
 class Store:
     """One connection to an orderlog database: a writer, or a read-only reader.
 
-    The interface every backend keeps (the service, the CLI and the tests use nothing else,
-    apart from `conn` in SQLite-only audits and tests):
+    The interface every backend keeps (`postgres.PgStore` too; the service, the CLI and the
+    tests use nothing else, apart from `conn` in SQLite-only audits and tests):
 
     - opening and closing: `Store.open(path, create=, readonly=, synchronous=, migrate_schema=)`,
       `close()`, `checkpoint()`; attributes `path`, `readonly`, `log_id`.
     - schema: `schema_version()`, `applied_migrations(after)`.
     - reading: `head()`, `last_event()`, `projection_seq()`, `get_order(id)`, `get_stock(sku)`,
       `read_events(filter, limit)`, `iter_events(filter, page)`, `read_feed(channel, after,
-      until, limit)`, `read_frames(channel, after, until, limit, prev)`.
-    - writing: `execute_batch(requests) -> BatchResult`, `probe_writable()`.
+      until, limit)`, `read_frames(channel, after, until, limit, prev)`; `read_snapshot()`
+      (a context: every read in it sees one snapshot), `iter_event_rows()`, `counts()` (for
+      verify and stats), `table_rows(table, columns)` (for copy).
+    - writing: `execute_batch(requests) -> BatchResult`, `probe_writable()`,
+      `load_log(log_id, projection_seq, tables)` (copy into an empty log).
+    - other writers: `watch_head(on_head)` starts a wake-up for other nodes' appends (a
+      listener with `.stop()`), or returns None when the backend has none (SQLite).
     - projections: `catch_up_projections(progress)`, `fold_log(progress)`, `rebuild(progress)`,
       `stored_projections()`.
 
