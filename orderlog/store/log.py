@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import attrs
 
 from ..canonical import ZERO_HASH
-from ..domain import Event, Order, State, Stock, evolve_order, evolve_stock, fold
+from ..domain import Event, Order, State, Stock, fold
 from ..feed import Channel, FeedEvent
 from ..records import Ack, BatchResult, Filter, Request
 from . import feedreads, projections
@@ -367,23 +367,7 @@ class Store:
 
     def fold_log(self, progress: Callable[[int, int], None] | None = None) -> tuple[State, int]:
         """Fold the whole log into a fresh state (nothing written); returns (state, last seq)."""
-        head = self.head()
-        orders: dict[str, Order] = {}
-        stock: dict[str, Stock] = {}
-        last = 0
-        for event in self.iter_events():
-            if event.stream.startswith("order:"):
-                key = event.stream[6:]
-                orders[key] = evolve_order(orders.get(key), event)  # type: ignore[assignment]
-            else:
-                key = event.stream[4:]
-                stock[key] = evolve_stock(stock.get(key), event)
-            last = event.seq
-            if progress and last % 10_000 == 0:
-                progress(last, head)
-        if progress:
-            progress(last, head)
-        return State(orders, stock), last
+        return projections.fold_events(self.iter_events(), self.head(), progress)
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Recompute the projections from the log; return the number of events folded."""

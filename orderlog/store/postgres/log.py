@@ -31,12 +31,13 @@ import psycopg
 import psycopg_pool
 
 from ...canonical import ZERO_HASH, dumps_validated
-from ...domain import Event, Order, Role, State, Stock, evolve_order, evolve_stock, fold
+from ...domain import Event, Order, Role, State, Stock, fold
 from ...feed import FEED_COLUMNS, Channel, FeedEvent, channel_frames, feed_event
 from ...records import Ack, BatchResult, Filter, Request
 from ..batch import BatchRows, LastEvent, StoredAcks, decide_batch
 from ..log import EVENT_COLUMNS, filter_sql, row_to_event
 from ..schema import StoreError, Unavailable
+from .. import projections
 from ..projections import ORDER_COLUMNS, STOCK_COLUMNS, ProjectionCache, row_to_order, row_to_stock
 from ..copying import LOG_TABLES
 from . import schema
@@ -331,23 +332,7 @@ class PgStore:
 
     def fold_log(self, progress: Callable[[int, int], None] | None = None) -> tuple[State, int]:
         """Fold the whole log into a fresh state (nothing written); returns (state, last seq)."""
-        head = self.head()
-        orders: dict[str, Order] = {}
-        stock: dict[str, Stock] = {}
-        last = 0
-        for event in self.iter_events():
-            if event.stream.startswith("order:"):
-                key = event.stream[6:]
-                orders[key] = evolve_order(orders.get(key), event)  # type: ignore[assignment]
-            else:
-                key = event.stream[4:]
-                stock[key] = evolve_stock(stock.get(key), event)
-            last = event.seq
-            if progress and last % 10_000 == 0:
-                progress(last, head)
-        if progress:
-            progress(last, head)
-        return State(orders, stock), last
+        return projections.fold_events(self.iter_events(), self.head(), progress)
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Recompute the projections from the log; return the number of events folded."""
