@@ -37,8 +37,8 @@ def _check_log(store: Any) -> None:
 
 
 def test_migrations_are_applied_once_and_foreign_databases_are_refused(pg_url):
-    """Opening twice applies each migration once and keeps the log_id; a database with other
-    tables, or none when not asked to create, is refused with one line."""
+    """Opening twice applies each migration once and keeps the log_id; a database of a newer
+    schema, with other tables, or with none when not asked to create, is refused with one line."""
     with pytest.raises(StoreError, match="no orderlog here"):
         open_store(pg_url, readonly=True)
     first = open_store(pg_url, create=True)
@@ -53,9 +53,14 @@ def test_migrations_are_applied_once_and_foreign_databases_are_refused(pg_url):
         assert again.head() == 0
     finally:
         again.close()
-    with fresh_schema(pg_url) as other:
-        import psycopg
+    import psycopg
 
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (99, '0099_future.sql', '2030-01-01T00:00:00.000Z')")
+    for options in ({"create": True}, {"readonly": True}):
+        with pytest.raises(StoreError, match="newer orderlog"):
+            open_store(pg_url, **options)
+    with fresh_schema(pg_url) as other:
         with psycopg.connect(other, autocommit=True) as conn:
             conn.execute("CREATE TABLE customers (id int)")
         with pytest.raises(StoreError, match="not an orderlog"):
