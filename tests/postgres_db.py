@@ -38,7 +38,8 @@ def unreachable() -> str | None:
         except ImportError:
             _reason = "psycopg is not installed (pip install -e '.[test]')"
         except Exception as exc:  # any failure to connect: say it in one line
-            _reason = f"cannot connect to {ADMIN_URL}: {str(exc).strip().splitlines()[-1]}"
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            _reason = f"cannot connect to {ADMIN_URL}: {lines[-1] if lines else type(exc).__name__}"
     return _reason
 
 
