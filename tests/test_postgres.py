@@ -379,3 +379,42 @@ async def test_terminated_connections_answer_unavailable_then_recover_with_nothi
         _check_log(store)
     finally:
         store.close()
+
+
+# -- snapshots ------------------------------------------------------------------------------------
+
+
+async def test_snapshots_and_get_as_of_on_postgres_fold_to_the_log_while_commands_race(pg_url, tmp_path):
+    """tests/test_snapshot.py's race on a node on PostgreSQL: random commands commit while
+    snapshots of every channel and role are taken (pages of 2 rows, so later pages meet rows
+    changed after N); rows then events fold to the log's fold for every row, `get` agrees."""
+    import itertools
+
+    from hypothesis import Phase
+
+    from test_snapshot import ACTIONS, SKUS, UNLIMITED, run_race_example
+    from wsclient import running_server, stock_up
+
+    counter = itertools.count()
+    async with running_server(tmp_path, db=pg_url, snapshot_page=2, **UNLIMITED) as (url, _, _):
+        async with session(url, "sam", "staff") as sam:
+            await stock_up(sam, SKUS)
+
+        @settings(max_examples=4, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                  phases=[Phase.explicit, Phase.generate])
+        @given(actions=ACTIONS, snapshot_at=st.lists(st.integers(0, 20), min_size=6, max_size=6))
+        def check(actions, snapshot_at) -> None:
+            trio.from_thread.run(run_race_example, url, pg_url, f"x{next(counter)}", actions, snapshot_at)
+
+        await trio.to_thread.run_sync(check)
+
+
+def test_state_at_a_seq_is_the_same_on_both_backends(pg_url, cli, tmp_path):
+    """`orderlog state --at N` of a log and of its copy on PostgreSQL print the same rows."""
+    first = tmp_path / "first.db"
+    assert cli("seed", "--db", first, "--commands", "200", "--seed", "9", "--batch", "30").returncode == 0
+    assert cli("copy", "--from", first, "--to", pg_url).returncode == 0
+    for at in ("1", "150", "300"):
+        a, b = (cli("state", "--db", db, "--at", at) for db in (first, pg_url))
+        assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+        assert a.stdout == b.stdout and a.stdout

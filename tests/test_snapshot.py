@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from orderlog.domain import Event, Order, Stock, evolve_order, evolve_stock, fold
 from orderlog.records import Filter
 from orderlog.snapshot import MAX_FRAME_BYTES, MAX_ROWS, SnapshotPager, row_json
-from orderlog.store import Store
+from orderlog.store import Store, open_store
 from wsclient import EVENT_TYPES, TIMEOUT, Session, next_id, running_server, session, stock_up
 
 UNLIMITED = {"rate_limit": 1e9, "rate_burst": 10**9, "user_rate_limit": 1e9, "user_replay_rate": 1e9}
@@ -72,7 +72,7 @@ def visible(channel: str, user: str, role: str, state) -> dict[str, dict]:
 
 def log_fold(db: str, until: int):
     """The fold of the log's events with seq <= until (the oracle: no projection table involved)."""
-    store = Store.open(db, readonly=True)
+    store = open_store(db, readonly=True)
     try:
         return fold(store.iter_events(Filter(until=until)))
     finally:
@@ -81,7 +81,7 @@ def log_fold(db: str, until: int):
 
 def last_visible(db: str, channel: str, user: str, role: str, after: int, until: int) -> int:
     """The seq of the last event in (after, until] the channel shows (after if none)."""
-    store = Store.open(db, readonly=True)
+    store = open_store(db, readonly=True)
     try:
         last = after
         for event in store.iter_events(Filter(after=after, until=until)):
@@ -256,7 +256,7 @@ async def run_race_example(url: str, db: str, tag: str, actions: list, snapshot_
         # ... which is what `get` says, and what the projection tables hold.
         for order_id, order in truth.orders.items():
             assert (await sam.request({"type": "get", "order_id": order_id}))["order"] == order.to_json()
-        store = Store.open(db, readonly=True)
+        store = open_store(db, readonly=True)
         try:
             assert store.stored_projections() == truth
         finally:

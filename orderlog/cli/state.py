@@ -17,7 +17,7 @@ from typing import Any, Iterable, TextIO
 from ..domain import Order, Stock
 from ..records import Filter
 from ..snapshot import order_as_of, sorted_rows, state_as_of, stock_as_of
-from ..store import Store
+from ..store import Store, open_store
 
 EXIT_NOT_FOUND = 1
 CSV_COLUMNS = ("kind", "id", "customer", "status", "items", "ship_to", "note", "name", "available", "reserved",
@@ -60,7 +60,7 @@ def rows_at(store: Store, at: int, order_id: str | None = None, sku: str | None 
 def cmd_state(args: argparse.Namespace) -> int:
     from . import UsageError, _utf8_stdout, db_path
 
-    store = Store.open(db_path(args), readonly=True)
+    store = open_store(db_path(args), readonly=True)
     try:
         head = store.head()
         if args.at > head:

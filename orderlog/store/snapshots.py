@@ -13,7 +13,8 @@ The rows are encoded as JSON by SQLite while it reads them (the same values as `
 / `Stock.to_json`, `orderlog.snapshot.row_json` being the plain twin; tests/test_snapshot.py
 pins them together).
 
-Blocking SQLite queries: the service calls these from a worker thread.
+Blocking SQLite queries: the service calls these from a worker thread. A PostgreSQL store's
+reads are in `postgres/snapshots.py` (the public functions here hand them over).
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def _read_chunk(conn: sqlite3.Connection, channel: Channel, seq: int, after: str
 def first_page(store: Store, channel: Channel, limit: int) -> tuple[int, int, list[tuple[bytes, int]], str | None]:
     """Start a snapshot of `channel`: (its seq N: the head, its total, the first page, the key to
     read on from), all from one read transaction."""
+    if not isinstance(store, Store):
+        return _postgres().first_page(store, channel, limit)
     conn = store.conn
     conn.execute("BEGIN")
     try:
@@ -181,14 +184,27 @@ def first_page(store: Store, channel: Channel, limit: int) -> tuple[int, int, li
 def read_page(store: Store, channel: Channel, seq: int, after: str, limit: int
               ) -> tuple[list[tuple[bytes, int]], str | None]:
     """The next page of a snapshot begun with `first_page` (see _read_page)."""
+    if not isinstance(store, Store):
+        return _postgres().read_page(store, channel, seq, after, limit)
     return _read_page(store.conn, channel, seq, after, limit)
 
 
 def order_at(store: Store, order_id: str, seq: int) -> Order | None:
     """The order right after event `seq` (None if it did not exist then)."""
+    if not isinstance(store, Store):
+        return _postgres().order_at(store, order_id, seq)
     return _order_at(store.conn, order_id, seq)
 
 
 def stock_at(store: Store, sku: str, seq: int) -> Stock | None:
     """The stock level right after event `seq` (None if the sku had no event by then)."""
+    if not isinstance(store, Store):
+        return _postgres().stock_at(store, sku, seq)
     return _stock_at(store.conn, sku, seq)
+
+
+def _postgres() -> Any:
+    """The same reads on PostgreSQL (imported only for a PostgreSQL store: psycopg is optional)."""
+    from .postgres import snapshots
+
+    return snapshots
