@@ -312,6 +312,30 @@ async def test_two_serve_nodes_share_one_log(pg_url, tmp_path):
         store.close()
 
 
+async def test_a_client_resumes_at_once_on_a_node_that_has_not_read_its_seq_yet(pg_url):
+    """A seq committed through another writer a moment ago is resumed from on a node that has not
+    read it yet (its wake-up still on the way): the node catches up and serves it, never
+    `resync_required`. (Before, `since` above the node's own head was refused.)"""
+    from orderlog.domain import Command, Principal
+    from orderlog.records import Request
+
+    with ServerProcess(pg_url) as node:
+        url = await node.started()
+        writer = open_store(pg_url)  # another node's writer, in this process
+        staff = Principal("s-9", "staff")
+        try:
+            async with session(url, "a-1", "auditor") as watcher:
+                for i in range(20):
+                    request = Request(staff, Command("add_stock", f"direct-{i}", None, None,
+                                                     {"sku": "sku-z", "quantity": 1}), "2026-11-25T17:03:00.123Z")
+                    result = await trio.to_thread.run_sync(writer.execute_batch, [request])
+                    seq = result.outcomes[0].seq
+                    reply = await watcher.subscribe("inventory", since=seq)  # at once, on the other node
+                    assert reply["type"] == "subscribed" and reply["since"] == seq, reply
+        finally:
+            writer.close()
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 

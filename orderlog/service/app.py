@@ -58,6 +58,7 @@ WRITER_QUEUE = 10_000  # commands waiting for the writer before senders block
 EXTERNAL_POLL = 1.0  # seconds between looks for events written by another process
 SWEEP_PERIOD = 0.25  # seconds between checks of pings and token expiry
 RECEIVE_BUFFER = 64 * 1024  # bytes per socket read
+CATCH_UP_WAIT = 5.0  # seconds a subscribe may wait for this node to read a seq another node committed
 PUBLISH_LIMIT = 100_000  # events read back per commit; the rest on the writer's next turn
 DRAIN_POLL = 0.005  # seconds between looks while shutting down
 ORIGIN_REFUSED = b"origin not allowed\n"
@@ -246,6 +247,21 @@ class Service:
                 pass
 
         self._listener = watch(on_head)
+
+    async def caught_up_to(self, seq: int) -> int:
+        """This node's head, once it has read `seq` if the log holds it already: a client that saw
+        `seq` on another node a moment ago may ask for it before this node was woken for it (or
+        before its next poll). Returns the head as it is when the log does not hold `seq`."""
+        if seq <= self.hub.head:
+            return self.hub.head
+        committed = await self.readers.call("head")
+        if committed < seq:
+            return self.hub.head
+        self._wake(committed)
+        with trio.move_on_after(CATCH_UP_WAIT):
+            while self.hub.head < seq:
+                await trio.sleep(0.005)
+        return self.hub.head
 
     def _wake(self, seq: int) -> None:
         """Another node committed up to `seq` (0: unknown): read the log now, not at the next poll."""

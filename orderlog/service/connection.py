@@ -417,6 +417,8 @@ class Connection:
             raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, "log_id is not this log's: drop your state and start over "
                                        "from since 0", request.id, {"log_id": service.log_id, "head": head})
         if request.since is not None and request.since > head:
+            head = await service.caught_up_to(request.since)  # committed through another node?
+        if request.since is not None and request.since > head:
             raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, f"since {request.since} is beyond the head {head}: this "
                                        "log is not the one you read; start over from since 0", request.id,
                                        {"log_id": service.log_id, "head": head})
