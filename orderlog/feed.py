@@ -148,6 +148,57 @@ class Channel:
         return (self.principal.role == Role.CUSTOMER and event.order_id is not None
                 and event.customer != self.principal.user)
 
+# Why a resume is refused with `resync_required` (its `details.reason`): the client's history is
+# not a prefix of this log (another log, or this one lost its tail to a restore or a failover).
+RESYNC_LOG_ID = "log_id"  # the request's log_id is another log's
+RESYNC_SINCE_BEYOND_HEAD = "since_beyond_head"
+RESYNC_ANCHOR_BEYOND_HEAD = "anchor_beyond_head"
+RESYNC_ANCHOR_MISMATCH = "anchor_mismatch"  # this log's event anchor.seq has another hash
+_START_OVER = ": drop your state and start over from since 0"
+RESYNC_MESSAGES = {  # str.format()ted with since, head and seq (the anchor's)
+    RESYNC_LOG_ID: "log_id is not this log's" + _START_OVER,
+    RESYNC_SINCE_BEYOND_HEAD: "since {since} is beyond the head {head}: this log is not the one you read" + _START_OVER,
+    RESYNC_ANCHOR_BEYOND_HEAD: "anchor.seq {seq} is beyond the head {head}: this log lost the events you hold "
+                               "(a restored backup or a failover)" + _START_OVER,
+    RESYNC_ANCHOR_MISMATCH: "event {seq} of this log is not the one you hold: its history differs from yours "
+                            "(a restored backup or a failover)" + _START_OVER,
+}
+
+
+def hash_sent(event: FeedEvent, principal: Principal) -> str | None:
+    """The `hash` that `principal` receives with `event` on its feeds, or None when none of its
+    feeds carries it (not the principal's to see, or sent redacted without it).
+
+    Read from the encoded frame itself, so that an anchor can only name a hash the feed gave
+    out: comparing with any other would let a customer test guesses about a redacted event.
+    """
+    channel = Channel("orders" if event.is_order else "inventory", principal)
+    if not channel.sees(event):
+        return None
+    redact = channel.may_redact and channel.redacts(event)
+    return json.loads(event.payload(channel.json_name, 0, redact)).get("hash")
+
+
+def resume_refusal(principal: Principal, log_id: str, head: int, asked_log_id: str | None, since: int | None,
+                   anchor: tuple[int, str] | None, anchored: FeedEvent | None) -> str | None:
+    """Why a `subscribe` must be answered `resync_required` (a RESYNC_* reason), or None.
+
+    `anchor` is the request's (seq, hash); `anchored` this log's event at that seq (None when
+    beyond the head). A history that is not a prefix of this log is never replayed onto.
+    """
+    if asked_log_id is not None and asked_log_id != log_id:
+        return RESYNC_LOG_ID
+    if anchor is not None:  # before `since`, so that the reason names what the client holds
+        seq, hash_ = anchor
+        if seq > head:
+            return RESYNC_ANCHOR_BEYOND_HEAD
+        if anchored is None or anchored.seq != seq or hash_sent(anchored, principal) != hash_:
+            return RESYNC_ANCHOR_MISMATCH
+    if since is not None and since > head:
+        return RESYNC_SINCE_BEYOND_HEAD
+    return None
+
+
 def channel_frames(channel: Channel, events: Iterable[FeedEvent], prev: int) -> tuple[list[bytes], int]:
     """The frames `channel` gets of `events` (those it sees, redacted where it must), the first
     one's `prev` being `prev`; and the last one's seq (`prev` if none)."""

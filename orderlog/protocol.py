@@ -27,13 +27,14 @@ CHANNEL_RE = re.compile(r"^(orders|inventory|order:[A-Za-z0-9._-]{1,64})\Z")
 # Every client request type and the fields it may carry (besides `type` and `id`).
 REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "auth": frozenset({"token"}),
-    "subscribe": frozenset({"channel", "since", "log_id", "snapshot"}),
+    "subscribe": frozenset({"channel", "since", "log_id", "snapshot", "anchor"}),
     "unsubscribe": frozenset({"channel"}),
     "command": frozenset({"name", "order_id", "expected_version", "data"}),
     "get": frozenset({"order_id", "sku", "as_of"}),
     "query": frozenset({"filter", "limit"}),
     "ping": frozenset(),
 }
+HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")  # an event's `hash`: sha256, lowercase hex
 FILTER_KEYS = ("stream", "order_id", "types", "actor", "after", "until", "from_time", "to_time")
 
 
@@ -52,12 +53,21 @@ class Auth:
 
 
 @attrs.frozen
+class Anchor:
+    """The newest event a resuming client holds with its hash (PROTOCOL.md section 6)."""
+
+    seq: int
+    hash: str
+
+
+@attrs.frozen
 class Subscribe:
     id: str | None
     channel: str
     since: int | None
     log_id: str | None
     snapshot: bool = False  # v1.2: the rows as of a seq first, then the events after it
+    anchor: Anchor | None = None
 
 
 @attrs.frozen
@@ -186,7 +196,27 @@ def _parse_subscribe(message: dict, request_id: str | None) -> Subscribe:
     if snapshot and since is not None:
         raise ClientError(ErrorCode.BAD_REQUEST, "snapshot and since exclude each other: a snapshot is for a client that "
                           "holds nothing; resume with since alone", request_id)
-    return Subscribe(request_id, channel, since, log_id, snapshot)
+    anchor = _anchor(message.get("anchor"), since, request_id) if "anchor" in message else None
+    return Subscribe(request_id, channel, since, log_id, snapshot, anchor)
+
+
+def _anchor(raw: Any, since: int | None, request_id: str | None) -> Anchor:
+    """`anchor {seq, hash}`: an event (seq >= 1) at most `since`, which must be given."""
+    if not isinstance(raw, dict):
+        raise ClientError(ErrorCode.BAD_REQUEST, "anchor must be an object {seq, hash}", request_id)
+    unknown = sorted(set(raw) - {"seq", "hash"})
+    if unknown:
+        raise ClientError(ErrorCode.BAD_REQUEST, f"anchor: unknown field {unknown[0][:64]!r}", request_id)
+    seq, hash_ = raw.get("seq"), raw.get("hash")
+    if not _is_int(seq) or seq < 1:
+        raise ClientError(ErrorCode.BAD_REQUEST, "anchor.seq must be an integer >= 1", request_id)
+    if not isinstance(hash_, str) or not HASH_RE.match(hash_):
+        raise ClientError(ErrorCode.BAD_REQUEST, "anchor.hash must be an event hash (64 lowercase hex digits)", request_id)
+    if since is None:
+        raise ClientError(ErrorCode.BAD_REQUEST, "anchor needs since (it names an event the client holds)", request_id)
+    if seq > since:
+        raise ClientError(ErrorCode.BAD_REQUEST, f"anchor.seq {seq} is beyond since {since}", request_id)
+    return Anchor(seq, hash_)
 
 
 def _parse_unsubscribe(message: dict, request_id: str | None) -> Unsubscribe:

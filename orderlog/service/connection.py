@@ -14,7 +14,7 @@ from .. import auth, protocol
 from ..auth import AUTH_CLOSE_CODE, AuthError
 from ..canonical import event_json
 from ..domain import ErrorCode, Principal, Rejected, Role, authorize, can_see_order, validate
-from ..feed import Channel, channel_frames
+from ..feed import RESYNC_MESSAGES, Channel, FeedEvent, channel_frames, resume_refusal
 from ..records import Ack, Request
 from ..snapshot import SnapshotPager
 from ..store import snapshots
@@ -413,15 +413,18 @@ class Connection:
             if not can_see_order(principal, order):
                 raise protocol.ClientError(ErrorCode.NOT_FOUND, f"order {order_id!r} not found", request.id)
         head = service.hub.head
-        if request.log_id is not None and request.log_id != service.log_id:
-            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, "log_id is not this log's: drop your state and start over "
-                                       "from since 0", request.id, {"log_id": service.log_id, "head": head})
         if request.since is not None and request.since > head:
             head = await service.caught_up_to(request.since)  # committed through another node?
-        if request.since is not None and request.since > head:
-            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, f"since {request.since} is beyond the head {head}: this "
-                                       "log is not the one you read; start over from since 0", request.id,
-                                       {"log_id": service.log_id, "head": head})
+        anchor = request.anchor
+        anchored = None
+        if anchor is not None and anchor.seq <= head:
+            anchored = await self._event_at(anchor.seq)
+        refusal = resume_refusal(principal, service.log_id, head, request.log_id, request.since,
+                                 (anchor.seq, anchor.hash) if anchor is not None else None, anchored)
+        if refusal is not None:
+            message = RESYNC_MESSAGES[refusal].format(since=request.since, head=head, seq=anchor and anchor.seq)
+            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, message, request.id,
+                                       {"log_id": service.log_id, "head": head, "reason": refusal})
         open_channels = len(self.subs) + len(self.snapshots)
         if request.channel not in self.subs and request.channel not in self.snapshots \
                 and open_channels >= service.settings.max_subscriptions:
@@ -481,6 +484,15 @@ class Connection:
             # `live` once the events up to today's head have followed (>= N, which `subscribed` said).
             self.subs[name] = Subscription(self, channel, seq, seq, self.service.hub.head)
             self.wake()
+
+    async def _event_at(self, seq: int) -> FeedEvent | None:
+        """This log's event `seq` (<= the head), from the window when it still holds it."""
+        window = self.service.hub.window
+        if window.covers(seq - 1):
+            events = window.after(seq - 1, 1)
+        else:
+            events = await self.service.readers.call("read_feed", None, seq - 1, seq, 1)
+        return events[0] if events else None
 
     async def _get(self, request: protocol.Get, principal: Principal) -> None:
         readers = self.service.readers
