@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 
 from orderlog import protocol
 from orderlog.canonical import event_json
+from orderlog.client import ResyncRequired, connect, tail
 from orderlog.records import Request
 from orderlog.store import Store
 from strategies import request_sequences
-from wsclient import Client, running_server, session, stock_up
+from wsclient import TIMEOUT, Client, running_server, session, stock_up, token
 
+from test_client import FAST, free_port, place_directly, server_on
 from test_feed import as_event, assert_chain
 
 ITEMS = {"items": [{"sku": "kibble", "quantity": 1}]}
@@ -296,3 +298,83 @@ def test_a_resume_is_exactly_what_was_missed_or_resync_required() -> None:
 
     check()
     assert seen == {"replayed", "refused"}, seen
+
+
+# -- the clients -----------------------------------------------------------------------------
+
+
+async def restore_and_serve(db: Path, copy: Path, port: int, stopped: trio.Event, restarted: trio.Event) -> None:
+    """Serve until `stopped`; then restore the backup, place 8 orders `after-N` (past the clients'
+    seqs) while down, and serve again on the same port (`restarted`)."""
+    async with server_on(db, port):
+        await stopped.wait()
+    restore(copy, db)
+    for n in range(8):
+        place_directly(db, "alice", f"after-{n}")
+    async with server_on(db, port):
+        restarted.set()
+        await trio.sleep_forever()
+
+
+async def test_the_python_client_and_tail_surface_the_resync_and_start_over(tmp_path: Path) -> None:
+    """After a restore, the Python client ends the subscription with ResyncRequired instead of
+    replaying onto the lost events; subscribing again from 0 gives exactly the restored log. `orderlog
+    tail` stops with exit code 1 and says so, after printing only the events of the first history."""
+    db, copy, port = tmp_path / "orderlog.db", tmp_path / "backup.db", free_port()
+    url = f"ws://127.0.0.1:{port}/v1/ws"
+    async with server_on(db, port):
+        async with connect(url, token("s1", "staff"), **FAST) as staff, connect(url, token("alice"), **FAST) as alice:
+            await staff.command("add_stock", data={"sku": "kibble", "quantity": 1000})
+            for n in range(5):
+                await alice.command("place_order", order_id=f"kept-{n}", data=ITEMS)
+            await trio.to_thread.run_sync(backup, db, copy)
+            for n in range(5):
+                await alice.command("place_order", order_id=f"lost-{n}", data=ITEMS)
+
+    notes: list[str] = []
+    lines: list[str] = []
+    tail_notes: list[str] = []
+    tailed: list[int] = []
+    async with trio.open_nursery() as nursery:
+        stopped, restarted = trio.Event(), trio.Event()
+        nursery.start_soon(restore_and_serve, db, copy, port, stopped, restarted)
+        await trio.sleep(0.2)
+
+        async def run_tail() -> None:
+            tailed.append(await tail(url, token("s1", "staff"), "orders", 0, lines.append, tail_notes.append))
+
+        nursery.start_soon(run_tail)
+        async with connect(url, token("s1", "staff"), on_status=notes.append, **FAST) as client:
+            folded: list[dict] = []
+            with trio.fail_after(TIMEOUT):
+                events = client.subscribe("orders", since=0).__aiter__()
+                while len(folded) < 10:
+                    folded.append(await events.__anext__())
+                while len(lines) < 10:
+                    await trio.sleep(0.01)
+            assert set(statuses(folded)) == {f"{kind}-{n}" for kind in ("kept", "lost") for n in range(5)}
+            stopped.set()
+            with trio.fail_after(TIMEOUT), pytest.raises(ResyncRequired) as caught:
+                async for event in events:
+                    folded.append(event)
+            assert caught.value.code == "resync_required"
+            assert caught.value.details["reason"] == "anchor_mismatch", caught.value.details
+            assert len(folded) == 10, folded[10:]  # nothing of the restored log was mixed in
+            assert any(note.startswith("resync required on orders") for note in notes), notes
+
+            # Recover as documented: drop the state, subscribe again from 0.
+            expected = [e for e in full_log(db) if e["stream"].startswith("order:")]
+            again: list[dict] = []
+            with trio.fail_after(TIMEOUT):
+                async for event in client.subscribe("orders", since=0):
+                    again.append(event)
+                    if len(again) == len(expected):
+                        break
+            assert [as_event(e) for e in again] == expected
+            assert set(statuses(again)) == {f"{kind}-{n}" for kind in ("kept", "after") for n in range(5 if kind == "kept" else 8)}
+        with trio.fail_after(TIMEOUT):
+            while not tailed:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert tailed == [1] and len(lines) == 10, (tailed, lines[10:])
+    assert any("resync_required" in n and "--since 0" in n for n in tail_notes), tail_notes

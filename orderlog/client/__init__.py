@@ -11,9 +11,13 @@
 It reconnects on its own with exponential backoff and jitter (`backoff_delay`: the n-th wait in
 a row is drawn between half and all of min(30 s, 1 s x 2^(n-1)), so 0.5-1 s, 1-2 s, 2-4 s, ...
 15-30 s; it starts over after a connection that stayed up 10 s), resubscribes every channel after the last seq it
-delivered (with the log's id, so a different log is refused instead of replayed), and resends
-unacknowledged commands with the same command id, so the server applies each at most once.
-A caller never sees a gap, a duplicate event or a double-applied command across a reconnect.
+delivered (with the log's id and an anchor, the newest event it delivered with its hash, so
+that another log, or this one after a restore or a failover that lost events it delivered, is
+refused instead of replayed), and resends unacknowledged commands with the same command id,
+so the server applies each at most once. A caller never sees a gap, a duplicate event or a
+double-applied command across a reconnect, nor a mix of two histories: when the server's log
+is not the one the caller folded, the subscription ends with ResyncRequired, and the caller
+starts over (subscribe again from since 0).
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ class OrderlogError(Exception):
         self.details = details or {}
 
 
+class ResyncRequired(OrderlogError):
+    """A subscription's history is not this server's log (another log, a restored backup, a
+    failover): drop what was folded from it and subscribe again from since 0."""
+
+
 class AuthenticationFailed(OrderlogError):
     """The server closed with 4001; reconnecting with the same token cannot help."""
 
@@ -69,13 +78,22 @@ class _Pending:
         self.reply: dict | None = None
 
 
+def _error(message: dict) -> OrderlogError:
+    """The exception for an `error` reply."""
+    kind = ResyncRequired if message.get("code") == ErrorCode.RESYNC_REQUIRED else OrderlogError
+    return kind(message.get("code", ErrorCode.INTERNAL), message.get("message", ""), message.get("details"))
+
+
 class _Subscription:
-    def __init__(self, channel: str, since: int | None, request_id: str, snapshot: bool = False):
+    def __init__(self, channel: str, since: int | None, request_id: str, snapshot: bool = False,
+                 anchor: dict | None = None, log_id: str | None = None):
         self.channel = channel
         self.snapshot = snapshot and since is None  # start from the rows as of a seq (v1.2)
         self.snapshot_seq: int | None = None  # the seq of the snapshot being received
         self.request_id = request_id
         self.last: int | None = since  # the last seq delivered to the caller (None: live only, until `subscribed`)
+        self.anchor = anchor  # {seq, hash}: the newest event delivered with its hash
+        self.log_id = log_id  # the log that the delivered history comes from (a welcome's log_id)
         self.resubscribing = False  # a resubscribe after a hole is on its way: wait for its `subscribed`
         self.resumed = False  # the next `subscribed` answers the resubscribe after a reconnect
         self.send, self.receive = trio.open_memory_channel[dict](EVENT_BUFFER)
@@ -135,10 +153,11 @@ class Client:
             self._pending.pop(frame["id"], None)
         reply = pending.reply or {}
         if reply.get("type") == "error":
-            raise OrderlogError(reply.get("code", ErrorCode.INTERNAL), reply.get("message", ""), reply.get("details"))
+            raise _error(reply)
         return reply
 
-    async def subscribe(self, channel: str, since: int | None = None, snapshot: bool = False) -> AsyncIterator[dict]:
+    async def subscribe(self, channel: str, since: int | None = None, snapshot: bool = False, *,
+                        anchor: dict | None = None, log_id: str | None = None) -> AsyncIterator[dict]:
         """The channel's events, in seq order without gap or duplicate, across reconnects.
 
         With `snapshot` (and no `since`): first the `snapshot` frames (dicts of type "snapshot",
@@ -146,12 +165,17 @@ class Client:
         that carries `total` starts a snapshot: if the connection broke before the `last` frame,
         the snapshot starts over after the reconnect, and the caller drops the rows it had.
         Once it is complete, a reconnect resumes from the last seq, as with `since`.
+
+        A caller that kept state from an earlier run passes the last seq it holds as `since`,
+        with `anchor` ({seq, hash} of the newest event it holds with a hash) and the `log_id`
+        it came from. Raises ResyncRequired when the server's log is not the one the caller's
+        history comes from (before or after a reconnect): start over from since 0 (or a snapshot).
         """
         if channel in self._subs:
             raise ValueError(f"already subscribed to {channel}")
         if snapshot and since is not None:
             raise ValueError("snapshot and since exclude each other")
-        sub = _Subscription(channel, since, f"{SUB_ID}{next(self._ids)}", snapshot)
+        sub = _Subscription(channel, since, f"{SUB_ID}{next(self._ids)}", snapshot, anchor, log_id)
         self._subs[channel] = sub
         try:
             await self._send_if_connected(self._subscribe_frame(sub))
@@ -175,8 +199,10 @@ class Client:
         frame: dict[str, Any] = {"type": "subscribe", "id": sub.request_id, "channel": sub.channel}
         if sub.last is not None:
             frame["since"] = sub.last
-            if self.log_id is not None:
-                frame["log_id"] = self.log_id
+            if sub.log_id is not None:
+                frame["log_id"] = sub.log_id
+            if sub.anchor is not None:
+                frame["anchor"] = sub.anchor
         elif sub.snapshot:
             frame["snapshot"] = True
             sub.snapshot_seq = None
@@ -209,6 +235,7 @@ class Client:
                         self.on_status(f"the server's log changed (log_id {welcome.get('log_id')}); resubscribing "
                                        "will be refused with resync_required")
                     self.welcome = welcome
+                    self.log_id = welcome.get("log_id")
                     self._ws = ws
                     connected_at = trio.current_time()
                     self.on_status(f"connected to {self.url} (head {welcome.get('head')})")
@@ -218,8 +245,6 @@ class Client:
                         await ws.send_message(json.dumps(self._subscribe_frame(sub)))
                     for pending in list(self._pending.values()):
                         await ws.send_message(json.dumps(pending.frame))
-                    if self.log_id is None:
-                        self.log_id = welcome.get("log_id")
                     if not started:
                         started = True
                         task_status.started(self)
@@ -266,6 +291,7 @@ class Client:
                 sub = next((s for s in self._subs.values() if s.request_id == request_id), None)
                 if kind == "subscribed" and sub is not None:
                     sub.resubscribing = False
+                    sub.log_id = self.log_id  # what follows comes from this connection's log
                     if message.get("snapshot") is True:
                         sub.snapshot_seq = message.get("since")  # rows first; `last` once they are all here
                     elif sub.last is None:
@@ -277,7 +303,9 @@ class Client:
                         self.on_status(f"resumed {sub.channel} from seq {message.get('since')}")
                 if kind == "error" and sub is not None:
                     # A (re)subscribe refused, e.g. resync_required: the caller must start over.
-                    sub.error = OrderlogError(message["code"], message.get("message", ""), message.get("details"))
+                    sub.error = _error(message)
+                    if isinstance(sub.error, ResyncRequired):
+                        self.on_status(f"resync required on {sub.channel}: {sub.error.message}")
                     sub.send.close()
                 continue
             pending = self._pending.get(request_id) if request_id is not None else None
@@ -313,6 +341,8 @@ class Client:
                 await ws.send_message(json.dumps(self._subscribe_frame(sub)))
             return
         sub.last = seq
+        if isinstance(event.get("hash"), str) and not event.get("redacted"):
+            sub.anchor = {"seq": seq, "hash": event["hash"]}
         try:
             await sub.send.send(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -390,6 +420,10 @@ async def tail(url: str, token: str, channel: str, since: int | None, emit: Call
                 printed += 1
                 if count is not None and printed >= count:
                     return 0
+    except ResyncRequired as exc:
+        note(f"error: {exc}: the server's log is not the one the lines above came from (another log, "
+             "a restored backup or a failover); run again with --since 0")
+        return 1
     except OrderlogError as exc:
         note(f"error: {exc}")
         return 1
