@@ -336,3 +336,52 @@ def test_dashboard_on_a_seeded_log_starts_from_snapshots(seeded_db: Path, browse
         expect(page.locator('#stock tr[data-sku="kibble"] td').nth(1)).to_have_text("8")
     finally:
         server.stop()
+
+
+def test_dashboard_starts_over_after_a_restored_backup(tmp_path: Path, browser) -> None:
+    """The issue's scenario in the browser: a backup, more orders the page shows, a restore, new
+    orders past the page's seq; the page (through orderlog.js's anchored resume) gets
+    resync_required and shows exactly the restored log, never the lost orders next to the new ones."""
+    from playwright.sync_api import expect
+
+    from test_anchor import backup, restore
+
+    db, copy = tmp_path / "orderlog.db", tmp_path / "backup.db"
+    server = ServerProcess(db, free_port())
+    server.start()
+    try:
+        send_commands(server.url, "s1", "staff", [("add_stock", None, {"sku": "kibble", "quantity": 1000})])
+        send_commands(server.url, "alice", "customer", [("place_order", f"kept-{n}", order("kibble", 1)) for n in range(5)])
+        backup(db, copy)  # SQLite's online backup API, while the server runs
+        send_commands(server.url, "alice", "customer", [("place_order", f"lost-{n}", order("kibble", 1)) for n in range(5)])
+
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(PAGE_TIMEOUT)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.fill("#token", token("s1", "staff"))
+        page.click("#sign-in-form button[type=submit]")
+        expect(page.locator('tr[data-order-id="lost-4"]')).to_be_visible()
+        expect(page.locator('.tile[data-status="all"] .n')).to_have_text("10")
+        expect(page.locator('#stock tr[data-sku="kibble"] td').nth(1)).to_have_text("990")
+
+        server.stop()
+        expect(page.locator("#connection-text")).to_contain_text("reconnecting in")
+        restore(copy, db)
+        for n in range(8):  # the restored log grows past the seq the page holds (21)
+            place_directly(db, "alice", f"after-{n}")
+        server.start()
+
+        expect(page.locator('tr[data-order-id="after-0"]')).to_be_visible()
+        expect(page.locator('tr[data-order-id^="lost-"]')).to_have_count(0)
+        expect(page.locator('.tile[data-status="all"] .n')).to_have_text("13")
+        expect(page.locator('#stock tr[data-sku="kibble"] td').nth(1)).to_have_text("987")
+        expect(page.locator("#toast")).to_contain_text("The server's log changed")
+        rows = page.locator("#orders tbody tr")
+        ids = sorted(rows.nth(i).get_attribute("data-order-id") for i in range(rows.count()))
+        assert ids == sorted([f"kept-{n}" for n in range(5)] + [f"after-{n}" for n in range(8)]), ids
+        assert "lost-" not in page.locator("#activity").inner_text()
+        assert errors == []
+    finally:
+        server.stop()

@@ -168,8 +168,11 @@ function restartChannel(error, channel) {
     toast(`${channel}: ${error.message}`);
     return;
   }
-  // The server holds another log than the one we folded: start over from a snapshot.
+  // The server's log is not the one we folded (another log, a restored backup, a failover):
+  // drop everything folded from this channel and start over from a snapshot.
   toast("The server's log changed: reloading everything.");
+  const prefix = channel === "orders" ? "order:" : "sku:";
+  activity = activity.filter((event) => !event.stream.startsWith(prefix));
   if (channel === "orders") {
     orders = new Map();
     rows = new Map();

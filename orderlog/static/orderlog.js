@@ -11,13 +11,17 @@
  *   client.start();
  *   const ack = await client.command("place_order", { orderId: "o-1", data: { items: [{ sku: "kibble", quantity: 1 }] } });
  *
- * It behaves like the Python client (orderlog/client.py): it reconnects on its own with
+ * It behaves like the Python client (orderlog/client): it reconnects on its own with
  * exponential backoff and jitter (the n-th wait in a row is drawn between half and all of
  * min(30 s, 1 s x 2^(n-1)): 0.5-1 s, 1-2 s, 2-4 s ... 15-30 s; it starts over after a
- * connection that stayed up 10 s), resubscribes every channel after the last seq it delivered together with the
- * welcome's log_id, drops duplicates (seq <= last), resubscribes from the last seq when an
- * event's `prev` shows a hole, and resends unacknowledged requests with the same id, so a
- * command is applied at most once. Built on the browser's native WebSocket; no build step.
+ * connection that stayed up 10 s), resubscribes every channel after the last seq it delivered
+ * together with the log_id and the anchor (the newest event delivered with its hash) of what it
+ * delivered, drops duplicates (seq <= last), resubscribes from the last seq when an event's
+ * `prev` shows a hole, and resends unacknowledged requests with the same id, so a command is
+ * applied at most once. When the server's log is not the one the subscription's events came
+ * from (another log, a restored backup, a failover), the resume is refused: onError gets
+ * `resync_required`, the subscription ends, and the app drops its state and subscribes again
+ * from since 0. Built on the browser's native WebSocket; no build step.
  *
  * The token goes in a first `auth` message, not in the URL, so it does not end up in proxy logs
  * or the browser's console. `{tokenInUrl: true}` sends it as `?token=` instead (for a server
@@ -69,6 +73,8 @@ class Subscription {
     this.client = client;
     this.channel = channel;
     this.last = since; // the last seq delivered (null: live only, until `subscribed` says where)
+    this.anchor = options.anchor || null; // {seq, hash}: the newest event delivered with its hash
+    this.logId = options.logId || null; // the log that the delivered events come from
     this.requestId = requestId;
     this.onEvent = options.onEvent || null;
     this.onLive = options.onLive || null;
@@ -106,7 +112,7 @@ export class OrderlogClient extends EventTarget {
     this.tokenInUrl = options.tokenInUrl ?? false;
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
     this.welcome = null;
-    this.logId = null; // the welcome's log_id, sent with every resubscribe
+    this.logId = null; // the current welcome's log_id
     this.status = { state: "closed", text: "not connected" };
     this._ws = null;
     this._ready = false; // welcome received on the current socket
@@ -185,6 +191,8 @@ export class OrderlogClient extends EventTarget {
    * After a reconnect it resumes from the last seq delivered (a snapshot again only if the
    * first one was not complete). Callbacks: onEvent(event), onLive(seq), onSubscribed(reply),
    * onError(OrderlogError): a refused subscribe, e.g. resync_required, ends the subscription.
+   * An app that kept state from an earlier page also passes `anchor` ({seq, hash} of the newest
+   * event it holds with a hash) and the `logId` it came from.
    */
   subscribe(channel, options = {}) {
     if (this._subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
@@ -298,7 +306,8 @@ export class OrderlogClient extends EventTarget {
     const frame = { type: "subscribe", id: sub.requestId, channel: sub.channel };
     if (sub.last !== null) {
       frame.since = sub.last;
-      if (this.logId !== null) frame.log_id = this.logId;
+      if (sub.logId !== null) frame.log_id = sub.logId;
+      if (sub.anchor !== null) frame.anchor = sub.anchor;
     } else if (sub.snapshot) {
       frame.snapshot = true;
       sub.snapshotSeq = null;
@@ -370,7 +379,7 @@ export class OrderlogClient extends EventTarget {
     if (this._ready) return; // a refreshed token: same connection, nothing to resend
     this._ready = true;
     this._everConnected = true;
-    if (this.logId === null) this.logId = welcome.log_id;
+    this.logId = welcome.log_id;
     this._setStatus({ state: "connected", text: "connected", head: welcome.head, user: welcome.user, role: welcome.role });
     for (const sub of this._subs.values()) {
       sub.resubscribing = false;
@@ -385,11 +394,7 @@ export class OrderlogClient extends EventTarget {
     for (const s of this._subs.values()) if (s.requestId === id) sub = s;
     if (!sub) return;
     if (message.type === "error") {
-      this._subs.delete(sub.channel);
-      if (message.code === "resync_required") {
-        // Our history is another log's: adopt this one; the app starts over from since 0.
-        this.logId = (this.welcome && this.welcome.log_id) || null;
-      }
+      this._subs.delete(sub.channel); // resync_required: the app starts over from since 0
       const error = new OrderlogError(message.code, message.message || "", message.details);
       if (sub.onError) sub.onError(error);
       else this.dispatchEvent(new CustomEvent("error", { detail: message }));
@@ -397,6 +402,7 @@ export class OrderlogClient extends EventTarget {
     }
     if (message.type !== "subscribed") return;
     sub.resubscribing = false;
+    sub.logId = this.logId; // what follows comes from this connection's log
     if (message.snapshot === true) sub.snapshotSeq = message.since; // rows first; `last` once they are all here
     else if (sub.last === null) sub.last = message.since; // live only: resume from here later
     if (sub.onSubscribed) sub.onSubscribed(message);
@@ -432,6 +438,7 @@ export class OrderlogClient extends EventTarget {
       return;
     }
     sub.last = event.seq;
+    if (typeof event.hash === "string" && !event.redacted) sub.anchor = { seq: event.seq, hash: event.hash };
     if (sub.onEvent) sub.onEvent(event);
     if (this._eventListeners) this.dispatchEvent(new CustomEvent("event", { detail: event }));
   }
