@@ -415,16 +415,7 @@ class Connection:
         head = service.hub.head
         if request.since is not None and request.since > head:
             head = await service.caught_up_to(request.since)  # committed through another node?
-        anchor = request.anchor
-        anchored = None
-        if anchor is not None and anchor.seq <= head:
-            anchored = await self._event_at(anchor.seq)
-        refusal = resume_refusal(principal, service.log_id, head, request.log_id, request.since,
-                                 (anchor.seq, anchor.hash) if anchor is not None else None, anchored)
-        if refusal is not None:
-            message = RESYNC_MESSAGES[refusal].format(since=request.since, head=head, seq=anchor and anchor.seq)
-            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, message, request.id,
-                                       {"log_id": service.log_id, "head": head, "reason": refusal})
+        await self._require_history(request.id, principal, head, request.log_id, request.since, request.anchor)
         open_channels = len(self.subs) + len(self.snapshots)
         if request.channel not in self.subs and request.channel not in self.snapshots \
                 and open_channels >= service.settings.max_subscriptions:
@@ -484,6 +475,18 @@ class Connection:
             # `live` once the events up to today's head have followed (>= N, which `subscribed` said).
             self.subs[name] = Subscription(self, channel, seq, seq, self.service.hub.head)
             self.wake()
+
+    async def _require_history(self, request_id: str | None, principal: Principal, head: int, log_id: str | None,
+                               since: int | None, anchor: protocol.Anchor | None) -> None:
+        """Raise `resync_required` unless the history the request names (its log_id, the seq it
+        holds, its anchor) is a prefix of this log (feed.resume_refusal)."""
+        anchored = await self._event_at(anchor.seq) if anchor is not None and anchor.seq <= head else None
+        refusal = resume_refusal(principal, self.service.log_id, head, log_id, since,
+                                 (anchor.seq, anchor.hash) if anchor is not None else None, anchored)
+        if refusal is not None:
+            message = RESYNC_MESSAGES[refusal].format(since=since, head=head, seq=anchor.seq if anchor else None)
+            raise protocol.ClientError(ErrorCode.RESYNC_REQUIRED, message, request_id,
+                                       {"log_id": self.service.log_id, "head": head, "reason": refusal})
 
     async def _event_at(self, seq: int) -> FeedEvent | None:
         """This log's event `seq` (<= the head), from the window when it still holds it."""
