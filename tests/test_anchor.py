@@ -8,6 +8,7 @@ the server runs, and restored while it is stopped (replace the file, remove `-wa
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import tempfile
@@ -17,6 +18,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed, serve_websocket
 
 from orderlog import protocol
 from orderlog.canonical import event_json
@@ -378,3 +380,71 @@ async def test_the_python_client_and_tail_surface_the_resync_and_start_over(tmp_
         nursery.cancel_scope.cancel()
     assert tailed == [1] and len(lines) == 10, (tailed, lines[10:])
     assert any("resync_required" in n and "--since 0" in n for n in tail_notes), tail_notes
+
+
+class ScriptedFeed:
+    """A stand-in server that speaks just enough of the protocol to show what a client sends
+    when it resumes: its first connection delivers `events` on the subscription and closes; every
+    `subscribe` it receives is kept in `subscribes`. (The real server has no redacted events
+    without a hash yet; this one sends them as PROTOCOL.md section 6 describes.)"""
+
+    def __init__(self, events: list[dict]):
+        self.events = events
+        self.subscribes: list[dict] = []
+        self.connections = 0
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await serve_websocket(self._handle, "127.0.0.1", 0, ssl_context=None, task_status=task_status)
+
+    async def _handle(self, request) -> None:
+        ws = await request.accept()
+        self.connections += 1
+        first = self.connections == 1
+        await ws.send_message(json.dumps({"type": "welcome", "user": "c-1", "role": "customer", "head": 7,
+                                          "log_id": "log-1", "expires_at": "2030-01-01T00:00:00Z"}))
+        try:
+            while True:
+                message = json.loads(await ws.get_message())
+                if message.get("type") != "subscribe":
+                    continue  # e.g. an `auth` frame
+                self.subscribes.append(message)
+                await ws.send_message(json.dumps({"type": "subscribed", "id": message.get("id"),
+                                                  "channel": message["channel"], "since": message.get("since", 7),
+                                                  "head": 7}))
+                if first:
+                    for event in self.events:
+                        await ws.send_message(json.dumps(event))
+                    await ws.aclose()
+                    return
+        except ConnectionClosed:
+            return
+
+
+HASH_5 = "5e" * 32
+REDACTED_TAIL = [
+    {"type": "stock-added", "channel": "inventory", "seq": 5, "prev": 0, "stream": "sku:kibble", "version": 1,
+     "at": "2026-11-25T17:00:00.000Z", "actor": "s-1", "command_id": "c-1", "data": {"sku": "kibble", "quantity": 9},
+     "hash": HASH_5},
+    {"type": "stock-reserved", "channel": "inventory", "seq": 7, "prev": 5, "stream": "sku:kibble", "version": 2,
+     "at": "2026-11-25T17:00:01.000Z", "actor": None, "command_id": None, "redacted": True,
+     "data": {"sku": "kibble", "quantity": 1}, "hash": None},
+]
+RESUME_AFTER_REDACTED = {"since": 7, "log_id": "log-1", "anchor": {"seq": 5, "hash": HASH_5}}
+
+
+async def test_the_python_client_anchors_on_the_newest_event_with_a_hash() -> None:
+    """A customer whose newest event came redacted (hash null) resumes with since = that event and
+    the anchor of the newest event that had a hash."""
+    feed = ScriptedFeed(REDACTED_TAIL)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(feed.serve)
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ws", "any-token", **FAST) as client:
+            with trio.fail_after(TIMEOUT):
+                events = client.subscribe("inventory", since=0).__aiter__()
+                assert [(await events.__anext__())["seq"] for _ in range(2)] == [5, 7]
+                while len(feed.subscribes) < 2:
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    first, resumed = feed.subscribes
+    assert "anchor" not in first and first["since"] == 0
+    assert {k: resumed[k] for k in ("since", "log_id", "anchor")} == RESUME_AFTER_REDACTED, resumed

@@ -385,3 +385,50 @@ def test_dashboard_starts_over_after_a_restored_backup(tmp_path: Path, browser) 
         assert errors == []
     finally:
         server.stop()
+
+
+def test_orderlog_js_anchors_on_the_newest_event_with_a_hash(tmp_path: Path, browser) -> None:
+    """orderlog.js resumes with since = its last event and the anchor of the newest event that had a
+    hash (a redacted one has none), with the log_id of what it delivered."""
+    from test_anchor import REDACTED_TAIL, RESUME_AFTER_REDACTED, ScriptedFeed
+
+    feed = ScriptedFeed(REDACTED_TAIL)
+    ports: list[int] = []
+    listening, done = threading.Event(), threading.Event()
+
+    async def run_feed() -> None:
+        async with trio.open_nursery() as nursery:
+            ports.append((await nursery.start(feed.serve)).port)
+            listening.set()
+            while not done.is_set():
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    feeder = threading.Thread(target=trio.run, args=(run_feed,), daemon=True)
+    feeder.start()
+    server = ServerProcess(tmp_path / "orderlog.db", free_port())  # serves /orderlog.js to the page
+    server.start()
+    try:
+        assert listening.wait(10)
+        page = browser.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.evaluate("""async (url) => {
+            const { OrderlogClient } = await import("/orderlog.js");
+            window.seen = [];
+            const client = new OrderlogClient(url, "any-token", { backoffStart: 50, backoffCap: 100 });
+            client.subscribe("inventory", { since: 0, onEvent: (e) => window.seen.push(e.seq) });
+            client.start();
+        }""", f"ws://127.0.0.1:{ports[0]}/v1/ws")
+        page.wait_for_function("window.seen.length === 2")
+        deadline = time.monotonic() + 10
+        while len(feed.subscribes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert page.evaluate("window.seen") == [5, 7]
+        first, resumed = feed.subscribes
+        assert "anchor" not in first and first["since"] == 0
+        assert {k: resumed.get(k) for k in ("since", "log_id", "anchor")} == RESUME_AFTER_REDACTED, resumed
+    finally:
+        done.set()
+        server.stop()
+        feeder.join(10)
