@@ -148,6 +148,7 @@ class Channel:
         return (self.principal.role == Role.CUSTOMER and event.order_id is not None
                 and event.customer != self.principal.user)
 
+
 # Why a resume is refused with `resync_required` (its `details.reason`): the client's history is
 # not a prefix of this log (another log, or this one lost its tail to a restore or a failover).
 RESYNC_LOG_ID = "log_id"  # the request's log_id is another log's
