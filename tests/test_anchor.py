@@ -26,7 +26,7 @@ from orderlog.client import ResyncRequired, connect, tail
 from orderlog.records import Request
 from orderlog.store import Store
 from strategies import request_sequences
-from wsclient import TIMEOUT, Client, running_server, session, stock_up, token
+from wsclient import TIMEOUT, Session, running_server, session, stock_up, token
 
 from test_client import FAST, free_port, place_directly, server_on
 from test_feed import as_event, assert_chain
@@ -59,7 +59,7 @@ def anchor_of(events: list[dict]) -> dict | None:
     return None
 
 
-async def read_all(client: Client, channel: str, since: int = 0, **extra) -> tuple[dict, list[dict]]:
+async def read_all(client: Session, channel: str, since: int = 0, **extra) -> tuple[dict, list[dict]]:
     """Subscribe and read up to `live`: (the reply, the events)."""
     reply = await client.subscribe(channel, since, **extra)
     if reply["type"] != "subscribed":
@@ -165,7 +165,7 @@ async def test_anchors_over_the_socket(tmp_path) -> None:
 # -- the issue's scenario --------------------------------------------------------------------
 
 
-async def place(client: Client, prefix: str, count: int) -> int:
+async def place(client: Session, prefix: str, count: int) -> int:
     """`count` orders `prefix-0..`; returns the last ack's seq."""
     seq = 0
     for n in range(count):
