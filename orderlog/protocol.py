@@ -30,7 +30,7 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {
     "subscribe": frozenset({"channel", "since", "log_id", "snapshot", "anchor"}),
     "unsubscribe": frozenset({"channel"}),
     "command": frozenset({"name", "order_id", "expected_version", "data"}),
-    "get": frozenset({"order_id", "sku", "as_of"}),
+    "get": frozenset({"order_id", "sku", "as_of", "anchor"}),
     "query": frozenset({"filter", "limit"}),
     "ping": frozenset(),
 }
@@ -88,6 +88,7 @@ class Get:
     order_id: str | None
     sku: str | None
     as_of: int | None = None  # v1.2: the state right after this seq (None: now)
+    anchor: Anchor | None = None  # the newest event the client holds with its hash (<= as_of)
 
 
 @attrs.frozen
@@ -196,12 +197,13 @@ def _parse_subscribe(message: dict, request_id: str | None) -> Subscribe:
     if snapshot and since is not None:
         raise ClientError(ErrorCode.BAD_REQUEST, "snapshot and since exclude each other: a snapshot is for a client that "
                           "holds nothing; resume with since alone", request_id)
-    anchor = _anchor(message.get("anchor"), since, request_id) if "anchor" in message else None
+    anchor = _anchor(message.get("anchor"), since, "since", request_id) if "anchor" in message else None
     return Subscribe(request_id, channel, since, log_id, snapshot, anchor)
 
 
-def _anchor(raw: Any, since: int | None, request_id: str | None) -> Anchor:
-    """`anchor {seq, hash}`: an event (seq >= 1) at most `since`, which must be given."""
+def _anchor(raw: Any, bound: int | None, bound_name: str, request_id: str | None) -> Anchor:
+    """`anchor {seq, hash}`: an event (seq >= 1) at most `bound` (the request's `since` or
+    `as_of`, the seq the client holds), which must be given."""
     if not isinstance(raw, dict):
         raise ClientError(ErrorCode.BAD_REQUEST, "anchor must be an object {seq, hash}", request_id)
     unknown = sorted(set(raw) - {"seq", "hash"})
@@ -212,10 +214,11 @@ def _anchor(raw: Any, since: int | None, request_id: str | None) -> Anchor:
         raise ClientError(ErrorCode.BAD_REQUEST, "anchor.seq must be an integer >= 1", request_id)
     if not isinstance(hash_, str) or not HASH_RE.match(hash_):
         raise ClientError(ErrorCode.BAD_REQUEST, "anchor.hash must be an event hash (64 lowercase hex digits)", request_id)
-    if since is None:
-        raise ClientError(ErrorCode.BAD_REQUEST, "anchor needs since (it names an event the client holds)", request_id)
-    if seq > since:
-        raise ClientError(ErrorCode.BAD_REQUEST, f"anchor.seq {seq} is beyond since {since}", request_id)
+    if bound is None:
+        raise ClientError(ErrorCode.BAD_REQUEST, f"anchor needs {bound_name} (it names an event the client holds)",
+                          request_id)
+    if seq > bound:
+        raise ClientError(ErrorCode.BAD_REQUEST, f"anchor.seq {seq} is beyond {bound_name} {bound}", request_id)
     return Anchor(seq, hash_)
 
 
@@ -252,7 +255,8 @@ def _parse_get(message: dict, request_id: str | None) -> Get:
     as_of = message.get("as_of")
     if as_of is not None and (not _is_int(as_of) or as_of < 0):
         raise ClientError(ErrorCode.BAD_REQUEST, "as_of must be an integer >= 0", request_id)
-    return Get(request_id, order_id, sku, as_of)
+    anchor = _anchor(message.get("anchor"), as_of, "as_of", request_id) if "anchor" in message else None
+    return Get(request_id, order_id, sku, as_of, anchor)
 
 
 def _parse_query(message: dict, request_id: str | None) -> Query:

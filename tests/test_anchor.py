@@ -494,3 +494,63 @@ async def test_the_python_client_anchors_on_the_newest_event_with_a_hash() -> No
     first, resumed = feed.subscribes
     assert "anchor" not in first and first["since"] == 0
     assert {k: resumed[k] for k in ("since", "log_id", "anchor")} == RESUME_AFTER_REDACTED, resumed
+
+
+async def test_snapshots_and_get_as_of_follow_the_same_rule(tmp_path) -> None:
+    """A snapshot's `subscribed` carries the hash of its seq N as this user's feeds carry it (null
+    when they carry none), so that a client can anchor on the snapshot it holds; `get` with
+    `as_of` takes the anchor of what the client holds, with the same check."""
+    async with running_server(tmp_path) as (url, _, _):
+        async with session(url, "s1", "staff") as staff, session(url, "alice") as alice:
+            await stock_up(staff, {"kibble": 100})
+            await alice.ok("place_order", "a-1", ITEMS)
+            await staff.ok("place_order", "b-1", {**ITEMS, "customer": "bob"})  # head 5: bob's stock move
+            _, log = await read_all(staff, "inventory")
+            head_event = log[-1]
+            assert head_event["seq"] == 5
+            reply = await staff.subscribe("inventory", snapshot=True)
+            assert (reply["since"], reply["hash"]) == (5, head_event["hash"]), reply
+            reply = await alice.subscribe("inventory", snapshot=True)
+            assert (reply["since"], reply["hash"]) == (5, None), reply  # redacted for alice: no hash
+
+            anchor = anchor_of(log[:2])  # alice's own stock move, seq 3
+            reply = await alice.request({"type": "get", "order_id": "a-1", "as_of": 3, "anchor": anchor})
+            assert reply["type"] == "order" and reply["order"]["status"] == "placed", reply
+            reply = await alice.request({"type": "get", "order_id": "a-1", "as_of": 3,
+                                         "anchor": {"seq": 3, "hash": H}})
+            assert (reply["type"], reply["details"]["reason"]) == ("error", "anchor_mismatch"), reply
+            reply = await alice.request({"type": "get", "order_id": "a-1", "as_of": 2, "anchor": anchor})
+            assert (reply["type"], reply["code"]) == ("error", "bad_request") and "as_of" in reply["message"]
+            reply = await alice.request({"type": "get", "order_id": "a-1", "anchor": anchor})
+            assert (reply["type"], reply["code"]) == ("error", "bad_request") and "as_of" in reply["message"]
+
+
+async def test_the_python_client_anchors_on_a_snapshot(tmp_path: Path) -> None:
+    """A subscription that started from a snapshot and got no event since resumes anchored on the
+    snapshot's seq: after a restore that grew again, ResyncRequired instead of a silent replay."""
+    db, copy, port = tmp_path / "orderlog.db", tmp_path / "backup.db", free_port()
+    url = f"ws://127.0.0.1:{port}/v1/ws"
+    async with server_on(db, port):
+        async with connect(url, token("s1", "staff"), **FAST) as staff, connect(url, token("alice"), **FAST) as alice:
+            await staff.command("add_stock", data={"sku": "kibble", "quantity": 1000})
+            await alice.command("place_order", order_id="kept-0", data=ITEMS)
+            await trio.to_thread.run_sync(backup, db, copy)
+            for n in range(2):
+                await alice.command("place_order", order_id=f"lost-{n}", data=ITEMS)
+    async with trio.open_nursery() as nursery:
+        stopped, restarted = trio.Event(), trio.Event()
+        nursery.start_soon(restore_and_serve, db, copy, port, stopped, restarted)
+        await trio.sleep(0.2)
+        async with connect(url, token("s1", "staff"), **FAST) as client:
+            with trio.fail_after(TIMEOUT):
+                items = client.subscribe("orders", snapshot=True).__aiter__()
+                frame = await items.__anext__()
+                while not frame.get("last"):
+                    frame = await items.__anext__()
+            assert frame["seq"] == 7 and client._subs["orders"].anchor["seq"] == 7
+            stopped.set()
+            with trio.fail_after(TIMEOUT), pytest.raises(ResyncRequired) as caught:
+                async for item in items:
+                    raise AssertionError(f"replayed onto the snapshot: {item}")
+            assert caught.value.details["reason"] == "anchor_mismatch", caught.value.details
+        nursery.cancel_scope.cancel()

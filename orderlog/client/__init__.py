@@ -90,6 +90,7 @@ class _Subscription:
         self.channel = channel
         self.snapshot = snapshot and since is None  # start from the rows as of a seq (v1.2)
         self.snapshot_seq: int | None = None  # the seq of the snapshot being received
+        self.snapshot_hash: str | None = None  # the hash of event snapshot_seq, if this user's feeds carry it
         self.request_id = request_id
         self.last: int | None = since  # the last seq delivered to the caller (None: live only, until `subscribed`)
         self.anchor = anchor  # {seq, hash}: the newest event delivered with its hash
@@ -294,6 +295,7 @@ class Client:
                     sub.log_id = self.log_id  # what follows comes from this connection's log
                     if message.get("snapshot") is True:
                         sub.snapshot_seq = message.get("since")  # rows first; `last` once they are all here
+                        sub.snapshot_hash = message.get("hash")
                     elif sub.last is None:
                         # Live only: the feed starts after `since` (the head), so a reconnect
                         # before the first event must resume from there, not from a new head.
@@ -320,7 +322,9 @@ class Client:
         if sub is None or sub.last is not None or sub.snapshot_seq != frame.get("seq"):
             return
         if frame.get("last"):
-            sub.last = frame["seq"]  # complete: from now on, resume after it
+            sub.last = frame["seq"]  # complete: from now on, resume after it, anchored on it
+            if isinstance(sub.snapshot_hash, str):
+                sub.anchor = {"seq": frame["seq"], "hash": sub.snapshot_hash}
         try:
             await sub.send.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -14,7 +14,7 @@ from .. import auth, protocol
 from ..auth import AUTH_CLOSE_CODE, AuthError
 from ..canonical import event_json
 from ..domain import ErrorCode, Principal, Rejected, Role, authorize, can_see_order, validate
-from ..feed import RESYNC_MESSAGES, Channel, FeedEvent, channel_frames, resume_refusal
+from ..feed import RESYNC_MESSAGES, Channel, FeedEvent, channel_frames, hash_sent, resume_refusal
 from ..records import Ack, Request
 from ..snapshot import SnapshotPager
 from ..store import snapshots
@@ -438,9 +438,12 @@ class Connection:
         channel = Channel(request.channel, principal)
         seq, total, rows, more = await self.service.readers.run(snapshots.first_page, channel,
                                                                   self.service.settings.snapshot_page)
+        # The hash of event N (as this user's feeds carry it), so that the client can anchor a
+        # later resume on the snapshot it holds (docs/protocol.md section 3, "Anchored resume").
+        anchored = await self._event_at(seq) if seq else None
         self.drop_subscription(request.channel)
         self.push(protocol.reply("subscribed", request.id, channel=request.channel, since=seq, head=seq,
-                                 snapshot=True))
+                                 snapshot=True, hash=hash_sent(anchored, principal) if anchored else None))
         scope = trio.CancelScope()
         self.snapshots[request.channel] = scope
         self.service.metrics.subscriptions.labels(channel_kind(request.channel)).inc()
@@ -489,9 +492,9 @@ class Connection:
                                        {"log_id": self.service.log_id, "head": head, "reason": refusal})
 
     async def _event_at(self, seq: int) -> FeedEvent | None:
-        """This log's event `seq` (<= the head), from the window when it still holds it."""
+        """This log's committed event `seq`, from the window when it holds it (None if none)."""
         window = self.service.hub.window
-        if window.covers(seq - 1):
+        if window.covers(seq - 1) and seq <= window.head:
             events = window.after(seq - 1, 1)
         else:
             events = await self.service.readers.call("read_feed", None, seq - 1, seq, 1)
@@ -501,6 +504,8 @@ class Connection:
         readers = self.service.readers
         as_of = request.as_of
         head = self.service.hub.head
+        if request.anchor is not None:  # the client holds `as_of`: is its history this log's?
+            await self._require_history(request.id, principal, head, None, None, request.anchor)
         if as_of is not None and as_of > head:
             raise protocol.ClientError(ErrorCode.BAD_REQUEST, f"as_of {as_of} is beyond the head {head}", request.id,
                                        {"head": head})

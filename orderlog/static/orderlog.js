@@ -83,6 +83,7 @@ class Subscription {
     this.onSnapshot = options.onSnapshot || null;
     this.snapshot = Boolean(options.snapshot) && since === null; // start from the projection
     this.snapshotSeq = null; // the seq of the snapshot being received
+    this.snapshotHash = null; // the hash of event snapshotSeq, if this user's feeds carry it
     this.resubscribing = false; // a resubscribe is on its way: ignore events until it is answered
     this.resumed = false; // the next `subscribed` answers a resubscribe after a reconnect
   }
@@ -403,8 +404,10 @@ export class OrderlogClient extends EventTarget {
     if (message.type !== "subscribed") return;
     sub.resubscribing = false;
     sub.logId = this.logId; // what follows comes from this connection's log
-    if (message.snapshot === true) sub.snapshotSeq = message.since; // rows first; `last` once they are all here
-    else if (sub.last === null) sub.last = message.since; // live only: resume from here later
+    if (message.snapshot === true) {
+      sub.snapshotSeq = message.since; // rows first; `last` once they are all here
+      sub.snapshotHash = typeof message.hash === "string" ? message.hash : null;
+    } else if (sub.last === null) sub.last = message.since; // live only: resume from here later
     if (sub.onSubscribed) sub.onSubscribed(message);
     if (sub.resumed) {
       sub.resumed = false;
@@ -422,7 +425,10 @@ export class OrderlogClient extends EventTarget {
     const sub = this._subs.get(frame.channel);
     if (!sub || sub.last !== null || sub.snapshotSeq !== frame.seq) return;
     if (sub.onSnapshot) sub.onSnapshot(frame.rows, frame);
-    if (frame.last) sub.last = frame.seq; // complete: from now on, resume after it
+    if (frame.last) {
+      sub.last = frame.seq; // complete: from now on, resume after it, anchored on it
+      if (sub.snapshotHash !== null) sub.anchor = { seq: frame.seq, hash: sub.snapshotHash };
+    }
   }
 
   _deliver(event) {
