@@ -29,6 +29,7 @@ from orderlog.domain import Command
 from strategies import CUSTOMER_PRINCIPALS, STAFF, request_sequences
 from wsclient import TIMEOUT, Session, running_server, session, stock_up, token
 
+from postgres_db import pg_url  # noqa: F401 (a fixture)
 from test_client import FAST, free_port, place_directly, server_on
 from test_feed import as_event, assert_chain
 
@@ -554,3 +555,30 @@ async def test_the_python_client_anchors_on_a_snapshot(tmp_path: Path) -> None:
                     raise AssertionError(f"replayed onto the snapshot: {item}")
             assert caught.value.details["reason"] == "anchor_mismatch", caught.value.details
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failover_to_a_postgresql_log_that_lacks_the_tail_is_refused(pg_url, cli, tmp_path) -> None:
+    """The same on PostgreSQL: the client read a log up to seq 21; the log it comes back to (a copy
+    of an older state, as a standby promoted before it had the last commits) has grown past 21
+    with other orders; its anchored resume gets resync_required."""
+    db, copy = tmp_path / "primary.db", tmp_path / "standby.db"
+    async with running_server(tmp_path, db=db) as (url, _, _):
+        async with session(url, "s1", "staff") as staff, session(url, "alice") as alice:
+            await stock_up(staff, {"kibble": 1000})
+            await place(alice, "kept", 5)
+            await trio.to_thread.run_sync(backup, db, copy)
+            assert await place(alice, "lost", 5) == 21
+            _, held = await read_all(staff, "orders")
+            log_id = staff.welcome["log_id"]
+    copied = await trio.to_thread.run_sync(cli, "copy", "--from", copy, "--to", pg_url)
+    assert copied.returncode == 0, copied.stderr
+    async with running_server(tmp_path, db=pg_url) as (url, _, _):
+        async with session(url, "s1", "staff") as staff, session(url, "alice") as alice:
+            assert staff.welcome["log_id"] == log_id
+            assert await place(alice, "after", 8) == 27
+            reply = await staff.subscribe("orders", 21, log_id=log_id, anchor=anchor_of(held))
+            assert (reply["type"], reply["details"]) == (
+                "error", {"log_id": log_id, "head": 27, "reason": "anchor_mismatch"}), reply
+            reply, events = await read_all(staff, "orders", 10, anchor=anchor_of(held[:5]))
+            assert reply["type"] == "subscribed" and [e["stream"] for e in events] == [
+                f"order:after-{n}" for n in range(8)], events
