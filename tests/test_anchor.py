@@ -308,7 +308,13 @@ async def resume_example(workdir: Path, example: dict) -> tuple[str, int]:
         assert vouched == since
     if len(new) >= since and new[:vouched] == old[:vouched]:  # the client's history is a prefix of this log
         assert reply["type"] == "subscribed", reply
-        assert resumed == [e for e in everything if e["seq"] > since]
+        expected = [dict(e) for e in everything if e["seq"] > since]
+        if expected:
+            # The first event of a `since: N` resume names N as its `prev`. Beyond the anchor (a
+            # customer's newest events came redacted) event N itself may differ in this log and
+            # not be on the channel at all: the documented limit of a history without hashes.
+            expected[0]["prev"] = since
+        assert resumed == expected
         return "replayed", len(held)
     assert (reply["type"], reply["code"]) == ("error", "resync_required"), reply
     return "refused", len(held)
