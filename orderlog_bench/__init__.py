@@ -69,6 +69,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print("orderlog: error: --baseline needs the websockets package: pip install -e '.[bench]'",
                   file=sys.stderr)
             return 2
+    args.client_now = "python"
+    if args.client != "python" and "fanout" in scenarios:
+        from .nodeclient import missing_tools
+
+        lacking = missing_tools()
+        if lacking:
+            print(f"orderlog: error: {lacking}", file=sys.stderr)
+            return 2
     limit = raise_fd_limit()
     if "connections" in scenarios and limit < args.connections + 1100:
         print(f"orderlog: error: --connections {args.connections} needs more open files than RLIMIT_NOFILE "
@@ -84,11 +92,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tokens = Tokens(args.jwt_secret or secrets.token_urlsafe(32))
     report: dict[str, Any] = {**git_commit(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                               "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                          if k not in ("func", "jwt_secret")}, "scenarios": {}}
+                                          if k not in ("func", "jwt_secret", "client_now")}, "scenarios": {}}
     say(f"commit {report['commit']}{' (with local changes in ' + ', '.join(report['dirty_files']) + ')' if report['dirty_files'] else ''}")
     workdir = Path(tempfile.mkdtemp(prefix="orderlog-bench-", dir=args.scratch))
+    args.workdir = workdir
     ok = True
     try:
+        if args.client != "python" and "fanout" in scenarios:
+            from .nodeclient import ensure_installed
+
+            try:
+                args.node_modules = ensure_installed(args.cache_dir, say)
+            except BenchError as exc:
+                print(f"orderlog: error: {exc}", file=sys.stderr)
+                return 2
         for scenario in scenarios:
             summary = summarize(scenario, run_scenario(scenario, args, tokens, workdir, say))
             report["scenarios"][scenario] = summary
@@ -174,6 +191,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="commands the driver may be ahead of its own feed (default 16)")
     g.add_argument("--drain", type=_positive(float), default=60.0,
                    help="seconds allowed after the load for every subscriber to get everything (default 60)")
+    g.add_argument("--client", choices=["python", "node", "both"], default="python",
+                   help="who subscribes: the Python workers (default), one Node.js process using the `ws` "
+                   "package (installed with npm into --cache-dir on first use; latency = event `at` -> receipt), "
+                   "or both, reported side by side")
     g = p.add_argument_group("replay and stall")
     g.add_argument("--events", type=_positive(int), default=1_000_000, help="replay log size (default 1,000,000)")
     g.add_argument("--replay-timeout", type=_positive(float), default=600.0, help="(default 600 s)")

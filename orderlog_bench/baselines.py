@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sys
+import time
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -52,10 +53,16 @@ def claims(path: str) -> tuple[str, str]:
 
 
 def event_frame(seq: int, prev: int, channel: str, order_id: str, actor: str, command_id: str, customer: str,
-                note: str) -> str:
+                note: str, at: str = AT) -> str:
     return (f'{{"type":"order-created","channel":"{channel}","seq":{seq},"prev":{prev},"stream":"order:{order_id}",'
-            f'"version":1,"at":"{AT}","actor":"{actor}","command_id":"{command_id}","data":{{"customer":"{customer}",'
+            f'"version":1,"at":"{at}","actor":"{actor}","command_id":"{command_id}","data":{{"customer":"{customer}",'
             f'"items":[{{"sku":"bench-kibble","quantity":1}}],"note":"{note}"}},"hash":"{HASH}"}}')
+
+
+def now_at() -> str:
+    """The current time as an event's `at` (UTC, milliseconds), for the `at` -> receipt latency."""
+    ms = int(time.time() * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 class BaselineHub:
@@ -100,14 +107,15 @@ class BaselineHub:
             customer = (CUSTOMER_RE.search(text) or _NONE).group(1) if role != "customer" else user
             customer = customer or user
             note = (NOTE_RE.search(text) or _NONE).group(1)
+            at = now_at()  # stamped just before the broadcast, as orderlog stamps before its commit
             if not (self.fault == "gap" and seq == 3):
                 broadcast(self.staff, event_frame(seq, self.last_staff, "orders", order_id, user, command_id, customer,
-                                                  note))
+                                                  note, at))
             self.last_staff = seq
             subs = self.customers.get(customer)
             if subs:
                 broadcast(subs, event_frame(seq, self.last_by_customer.get(customer, 0), "orders", order_id, user,
-                                            command_id, customer, note))
+                                            command_id, customer, note, at))
             self.last_by_customer[customer] = seq
             events = '["order-created","stock-reserved"]'
         else:

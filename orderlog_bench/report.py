@@ -12,7 +12,8 @@ METRICS: dict[str, list[tuple[str, str, str, int]]] = {
                  ("cpu_us_per_ack", "cpu µs/ack", "{:.1f}", -1)],
     "fanout": [("deliveries_per_s", "deliveries/s", "{:,.0f}", 1), ("commands_per_s", "commands/s", "{:,.1f}", 1),
                ("p50_ms", "p50 ms", "{:.2f}", -1), ("p99_ms", "p99 ms", "{:.2f}", -1),
-               ("p999_ms", "p99.9 ms", "{:.2f}", -1), ("cpu_us_per_delivery", "cpu µs/delivery", "{:.2f}", -1)],
+               ("p999_ms", "p99.9 ms", "{:.2f}", -1), ("max_ms", "max ms", "{:.1f}", -1),
+               ("cpu_us_per_delivery", "cpu µs/delivery", "{:.2f}", -1)],
     "replay": [("events", "events", "{:,.0f}", 0), ("seconds", "seconds", "{:.2f}", -1),
                ("events_per_s", "events/s", "{:,.0f}", 1), ("cpu_us_per_event", "cpu µs/event", "{:.2f}", -1)],
     "connections": [("connections", "connections", "{:,.0f}", 0), ("open_seconds", "open s", "{:.1f}", -1),
@@ -43,13 +44,15 @@ def summarize(scenario: str, runs: dict[str, list[dict]]) -> dict:
                          "runs": [{k: v for k, v in r.items() if k != "rounds" or True} for r in results]}
     ratios: dict[str, dict] = {}
     paired: dict[str, dict] = {}
-    ours = targets.get("orderlog", {}).get("median", {})
-    our_runs = runs.get("orderlog", [])
     for name in runs:
-        if name == "orderlog":
+        base, _, client = name.partition("@")
+        if base == "orderlog":
             continue
+        mine = "orderlog" + ("@" + client if client else "")  # the same client against orderlog
+        ours = targets.get(mine, {}).get("median", {})
+        our_runs = runs.get(mine, [])
         theirs = targets[name]["median"]
-        ratios[f"orderlog/{name}"] = {
+        ratios[f"{mine}/{base}"] = {
             key: (ours[key] / theirs[key] if ours.get(key) is not None and theirs.get(key) else None)
             for key, _, _, better in METRICS[scenario] if better
         }
@@ -61,7 +64,7 @@ def summarize(scenario: str, runs: dict[str, list[dict]]) -> dict:
             values = [a[key] / b[key] for a, b in zip(our_runs, runs[name])
                       if a.get("ok") and b.get("ok") and a.get(key) is not None and b.get(key)]
             pairs[key] = statistics.median(values) if values else None
-        paired[f"orderlog/{name}"] = pairs
+        paired[f"{mine}/{base}"] = pairs
     return {"ok": all(t["ok"] for t in targets.values()), "targets": targets, "ratios": ratios,
             "paired_ratios": paired}
 
@@ -110,7 +113,8 @@ def describe(scenario: str, o: argparse.Namespace) -> str:
         staff = round(o.subscribers * o.staff_share)
         pace = f"{o.rate:g} commands/s" if o.rate else f"flat out (<= {o.window} commands ahead of delivery)"
         return (f"{o.subscribers} subscribers ({staff} staff on orders, {o.subscribers - staff} customers on "
-                f"their own orders), {pace}, {o.duration:g} s; latency = driver send -> subscriber receipt")
+                f"their own orders), {pace}, {o.duration:g} s; latency = driver send -> subscriber receipt (Python "
+                f"workers) or event `at` -> receipt (@node: one Node.js `ws` process)")
     if scenario == "replay":
         return f"one staff client subscribes to orders + inventory from since 0 on a {o.events:,}-event log"
     if scenario == "connections":

@@ -4,6 +4,7 @@ returns its figures (`run_scenario` runs one scenario against every target, `--r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -18,6 +19,7 @@ from .processes import BenchError, Pool, Target, Tokens, clean_env, start_server
 
 SCENARIOS = ("commands", "fanout", "replay", "connections", "stall")
 BASELINES = ("trio", "websockets")
+CLIENTS = {"python": ("python",), "node": ("node",), "both": ("python", "node")}
 STALL_RCVBUF = 64 * 1024  # the stalled subscriber's socket receive buffer
 
 
@@ -29,14 +31,14 @@ def percentiles(blobs: list[bytes]) -> dict[str, float | None]:
     for blob in blobs:
         values.frombytes(blob)
     if not values:
-        return {"p50_ms": None, "p99_ms": None, "p999_ms": None, "samples": 0}
+        return {"p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None, "samples": 0}
     ordered = sorted(values)
     n = len(ordered)
 
     def at(q: float) -> float:
         return ordered[min(n - 1, int(math.ceil(q * n)) - 1)] * 1000
 
-    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999), "samples": n}
+    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": ordered[-1] * 1000, "samples": n}
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -115,13 +117,24 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
     subs = [(tokens(f"fs-{i}", "staff"), f"fs-{i}", "staff", "orders", None) for i in range(staff)]
     subs += [(tokens(user, "customer"), user, "customer", "orders", f"order:{user}.") for user in customers]
     tag = f"f{time.time_ns() % 10**10}"
-    with Pool() as pool:
-        # With several nodes (--url A,B,C) each client process subscribes through one of them.
-        subscriber_ids = [pool.start(subscriber_role, {"url": target.urls[i % len(target.urls)], "subs": chunk,
-                                                       "latency": True})
-                          for i, chunk in enumerate(split(subs, o.procs))]
-        ready = pool.gather("ready", SETUP_TIMEOUT + 30, subscriber_ids)
+    node = None
+    if getattr(o, "client_now", "python") == "node":
+        from .nodeclient import NodeSubscribers
+
+        node = NodeSubscribers(o.node_modules, target.url, subs, o.workdir, SETUP_TIMEOUT)
+    with Pool() as pool, (node or contextlib.nullcontext()):
+        if node is None:
+            # With several nodes (--url A,B,C) each client process subscribes through one of them.
+            subscriber_ids = [pool.start(subscriber_role, {"url": target.urls[i % len(target.urls)], "subs": chunk,
+                                                           "latency": True})
+                              for i, chunk in enumerate(split(subs, o.procs))]
+            ready = pool.gather("ready", SETUP_TIMEOUT + 30, subscriber_ids)
+        else:
+            subscriber_ids = []
+            ready = [node.receive("ready", SETUP_TIMEOUT + 30)]
         problems = _problems(*(r["errors"] for r in ready))
+        if node is not None and ready[0]["subscribed"] < ready[0]["wanted"]:
+            problems.append(f"the Node.js client subscribed {ready[0]['subscribed']} of {ready[0]['wanted']}")
         driver = pool.start(driver_role, {"url": target.url, "token": tokens("fan-driver", "staff"),
                                           "customers": customers or ["fc-nobody"], "tag": tag, "rate": o.rate,
                                           "window": o.window})
@@ -131,6 +144,8 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
             return {"ok": False, "problems": problems[:10]}
         start = time.time() + 0.3
         window = (start + o.warmup, start + o.warmup + o.duration)
+        if node is not None:
+            node.send({"kind": "go", "window": window})
         pool.send(("go", {"window": window, "start": start, "timeout": o.warmup + o.duration + 600}))
         sleep_until(window[0])
         cpu0 = target.cpu()
@@ -139,8 +154,12 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
         driven = pool.receive(driver, "result", DRAIN_TIMEOUT + 30)
         expected = dict(driven["per_customer"])
         expected["*"] = driven["expected_total"]
-        pool.send(("stop", {"expected": expected, "drain": o.drain}), subscriber_ids)
-        results = pool.gather("result", o.drain + 30, subscriber_ids)
+        if node is not None:
+            node.send({"kind": "stop", "expected": expected, "drain": o.drain})
+            results = [node.receive("result", o.drain + 30)]
+        else:
+            pool.send(("stop", {"expected": expected, "drain": o.drain}), subscriber_ids)
+            results = pool.gather("result", o.drain + 30, subscriber_ids)
     deliveries = sum(r["in_window"] for r in results)
     problems = _problems(driven["errors"], [driven["driver_chain_error"]],
                          *(r["errors"] for r in results), *(r["chain_errors"] for r in results),
@@ -383,35 +402,47 @@ def run_scenario(scenario: str, o: argparse.Namespace, tokens: Tokens, workdir: 
     if o.baseline and scenario != "stall":
         targets += list(BASELINES)
     targets.append("orderlog")
-    runs: dict[str, list[dict]] = {t: [] for t in targets}
+    # --client: who subscribes in the fan-out (the other scenarios always use the Python workers).
+    clients = CLIENTS[o.client] if scenario == "fanout" else ("python",)
+    runs: dict[str, list[dict]] = {run_name(t, c): [] for c in clients for t in targets}
     replay_db = ensure_log(o.cache_dir, o.events, say) if scenario == "replay" and not o.url else None
     for attempt in range(o.repeat):
-        for name in targets:
-            target: Target | None = None
-            try:  # a server that does not start is a FAILED run too, not a traceback
-                if name == "orderlog" and o.url:
-                    urls = o.url.split(",")
-                    pids = [int(p) for p in o.server_pid.split(",")] if o.server_pid else []
-                    target = Target("orderlog", urls[0], pids[0] if pids else None, None, None, urls=urls, pids=pids)
-                else:
-                    db = str(replay_db) if replay_db else str(workdir / f"{scenario}-{attempt}.db")
-                    target = start_server(name, workdir, tokens.secret, db=db, args=server_args(scenario, o),
-                                          fault=o.fault if name != "orderlog" else None)
-                say(f"{scenario} run {attempt + 1}/{o.repeat} against {name} ({target.url}) ...")
-                result = RUNNERS[scenario](target, o, tokens)
-            except BenchError as exc:
-                result = {"ok": False, "problems": [str(exc)]}
-            finally:
-                if target is not None:
-                    target.stop()
-                    if target.proc is not None and db_is_scratch(target, replay_db):
-                        for suffix in ("", "-wal", "-shm"):
-                            Path(target.db + suffix).unlink(missing_ok=True)
-            result["target"] = name
-            runs[name].append(result)
-            if not result.get("ok"):
-                say(f"  FAILED: {'; '.join(result.get('problems') or [])[:600]}")
+        for client in clients:
+            o.client_now = client
+            for name in targets:
+                label = run_name(name, client)
+                target: Target | None = None
+                try:  # a server that does not start is a FAILED run too, not a traceback
+                    if name == "orderlog" and o.url:
+                        urls = o.url.split(",")
+                        pids = [int(p) for p in o.server_pid.split(",")] if o.server_pid else []
+                        target = Target("orderlog", urls[0], pids[0] if pids else None, None, None, urls=urls,
+                                        pids=pids)
+                    else:
+                        db = str(replay_db) if replay_db else str(workdir / f"{run_name(scenario, client)}-{attempt}.db")
+                        target = start_server(name, workdir, tokens.secret, db=db, args=server_args(scenario, o),
+                                              fault=o.fault if name != "orderlog" else None)
+                    say(f"{scenario} run {attempt + 1}/{o.repeat} against {label} ({target.url}) ...")
+                    result = RUNNERS[scenario](target, o, tokens)
+                except BenchError as exc:
+                    result = {"ok": False, "problems": [str(exc)]}
+                finally:
+                    if target is not None:
+                        target.stop()
+                        if target.proc is not None and db_is_scratch(target, replay_db):
+                            for suffix in ("", "-wal", "-shm"):
+                                Path(target.db + suffix).unlink(missing_ok=True)
+                result["target"] = name
+                result["client"] = client
+                runs[label].append(result)
+                if not result.get("ok"):
+                    say(f"  FAILED: {'; '.join(result.get('problems') or [])[:600]}")
     return runs
+
+
+def run_name(target: str, client: str) -> str:
+    """A target's name in the report: `orderlog`, `websockets`..., with `@node` for the Node.js client."""
+    return target if client == "python" else f"{target}@{client}"
 
 
 def db_is_scratch(target: Target, replay_db: Path | None) -> bool:

@@ -115,3 +115,54 @@ def test_a_server_that_does_not_start_is_a_failed_run(tmp_path: Path) -> None:
     assert not result["ok"]
     problems = " ".join(result["problems"])
     assert "did not start listening" in problems and "directory" in problems, problems
+
+
+@pytest.fixture(scope="module")
+def node_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `npm ci` of the Node.js client for the module (it reaches the npm registry)."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+NODE_SMALL = ["--subscribers", "6", "--rate", "10", "--duration", "1.5", "--warmup", "0.5", "--drain", "10",
+              "--procs", "1", "--quiet", "--json"]
+
+
+def test_the_node_client_reports_both_clients_side_by_side(tmp_path: Path, node_cache: Path) -> None:
+    """--client both: the Python workers and the Node.js `ws` client measure orderlog and the
+    websockets baseline; every run passes its checks and the figures are sane."""
+    code, report, stderr = bench(tmp_path, "fanout", "--baseline", "--client", "both", *NODE_SMALL,
+                                 "--cache-dir", str(node_cache), timeout=240)
+    assert code == 0, stderr[-2000:]
+    fanout = report["scenarios"]["fanout"]
+    for name in ("orderlog", "websockets", "orderlog@node", "websockets@node"):
+        target = fanout["targets"][name]
+        run = target["runs"][0]
+        assert target["ok"] and run["client"] == ("node" if "@" in name else "python"), (name, run)
+        median = target["median"]
+        assert median["deliveries_per_s"] > 0, (name, median)
+        assert run["samples"] > 0 and 0 <= median["p50_ms"] <= median["p99_ms"] <= median["max_ms"] < 30_000, median
+        assert run["total_deliveries"] >= run["deliveries"] > 0, run
+    assert fanout["ratios"]["orderlog@node/websockets"]["p99_ms"] > 0
+    assert fanout["ratios"]["orderlog/websockets"]["p99_ms"] > 0
+
+
+def test_the_node_client_fails_a_feed_with_a_gap(tmp_path: Path, node_cache: Path) -> None:
+    """A baseline that drops event 3 fails under the Node.js client too (exit 1); orderlog passes."""
+    code, report, stderr = bench(tmp_path, "fanout", "--baseline", "--client", "node", "--fault", "gap",
+                                 *NODE_SMALL, "--cache-dir", str(node_cache), timeout=240)
+    assert code == 1, stderr[-2000:]
+    targets = report["scenarios"]["fanout"]["targets"]
+    assert set(targets) == {"trio@node", "websockets@node", "orderlog@node"}
+    assert targets["orderlog@node"]["ok"]
+    for name in ("trio@node", "websockets@node"):
+        assert not targets[name]["ok"]
+        problems = " ".join(targets[name]["runs"][0]["problems"])
+        assert "gap" in problems, problems
+
+
+def test_the_node_client_without_npm_is_a_clear_error(tmp_path: Path) -> None:
+    """No npm on the PATH: a one-line error and exit 2, not a traceback."""
+    env = {**cli_env(), "PATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "orderlog.cli", "bench", "fanout", "--client", "node"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "needs node and npm" in done.stderr and "Traceback" not in done.stderr, done.stderr
