@@ -92,7 +92,10 @@ class NodeSubscribers:
             self.proc.wait(5)
             tail = Path(self.stderr.name).read_bytes()[-800:].decode("utf-8", "replace")
             raise BenchError(f"the Node.js client exited ({self.proc.returncode}) before {kind!r}: {tail}")
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise BenchError(f"the Node.js client sent a line that is not JSON: {line[:200]!r}") from None
         if message.get("kind") != kind:
             raise BenchError(f"the Node.js client sent {message.get('kind')!r}, expected {kind!r}")
         if kind == "result":  # the Python workers' shape: latencies as packed doubles

@@ -27,7 +27,7 @@ const EVENT_RE = /^\{"type":"([^"]+)","channel":"([^"]+)","seq":(\d+),"prev":(\d
 const AT_RE = /"at":"([^"]+)"/;
 
 function now() { return (performance.timeOrigin + performance.now()) / 1000; }
-function send(obj) { process.stdout.write(JSON.stringify(obj) + '\n'); }
+function send(obj, then) { process.stdout.write(JSON.stringify(obj) + '\n', then); }
 function error(text) { if (errors.length < 20) errors.push(text); }
 
 function feed(chain, seq, prev) {
@@ -124,8 +124,7 @@ function finish(expected) {
   for (const conn of conns) { subscriptions += conn.chains.size; conn.ws.terminate(); }
   send({ kind: 'result', total, in_window: inWindow, latencies: Array.from(latencies.subarray(0, nLat)),
          chain_errors: chainErrors.slice(0, 10), incomplete: short.length, incomplete_examples: short.slice(0, 5),
-         foreign, errors: errors.slice(0, 20), subscriptions });
-  process.exit(0);
+         foreign, errors: errors.slice(0, 20), subscriptions }, () => process.exit(0));  // a pipe: exit once written
 }
 
 function complete(expected) {
