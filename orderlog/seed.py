@@ -25,10 +25,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from typing import Any, Mapping
+from datetime import datetime, timedelta
+from typing import Any, Mapping, Sequence
 
 import attrs
 
+from .canonical import format_time
 from .domain import Command, ErrorCode, Principal, Rejected, Role, Status
 from .records import Ack, Request
 
@@ -200,9 +202,9 @@ class SeedGenerator:
 
     # generating -----------------------------------------------------------------------------
 
-    def batch(self, size: int, at: str) -> list[Planned]:
-        """The next `size` commands, all arriving at time `at`."""
-        return [self.next(at) for _ in range(size)]
+    def batch(self, times: Sequence[str]) -> list[Planned]:
+        """The next commands, one arriving at each of `times`."""
+        return [self.next(at) for at in times]
 
     def next(self, at: str) -> Planned:
         """The next command and its expected outcome; the model already reflects it."""
@@ -346,3 +348,11 @@ class SeedGenerator:
             order = self.orders[self.pools[Status.APPROVED].pick(self.rng)]
             return self._request(at, self._staff(), Role.STAFF, "deliver_order", order.order_id, {}, ErrorCode.INVALID_STATE)
         return self._place_order(at)
+
+
+def history_times(start: datetime, end: datetime, first: int, count: int, total: int) -> list[str]:
+    """The `at` of commands `first .. first+count-1` of a seed run of `total` commands spread evenly
+    from `start` to `end` (a simulated history: non-decreasing, the same for the same inputs)."""
+    span = max((end - start).total_seconds(), 0.0)
+    step = span / total if total else 0.0
+    return [format_time(start + timedelta(seconds=step * i)) for i in range(first, first + count)]

@@ -286,3 +286,68 @@ async def test_backup_with_its_secret_restores_as_documented(tmp_path):
                 stock = await staff.request({"type": "get", "sku": "kibble"})
                 assert stock["stock"]["available"] == 5
             assert await trio.to_thread.run_sync(server.stop) == 0
+
+
+# -- 9: the seed spreads its history over simulated days -------------------------------------
+
+def _events(cli, *args) -> list[dict]:
+    done = cli("events", "--db", "s.db", *args)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_the_seed_spreads_its_history_over_days_deterministically(cli, tmp_path):
+    """`seed --days D --until T`: `at` never goes back, spans the D days before T, is the same for the
+    same --seed (times included), the time filters select a part of it, and the chain verifies."""
+    seeded = cli("seed", "--db", "s.db", "--commands", "400", "--seed", "3", "--days", "10",
+                 "--until", "2026-03-11T00:00:00Z")
+    assert seeded.returncode == 0, seeded.stderr
+    events = _events(cli)
+    times = [e["at"] for e in events]
+    assert times == sorted(times)
+    assert times[0] == "2026-03-01T00:00:00.000Z" and "2026-03-10T" in times[-1]
+    assert len(set(times)) > 300
+    middle = _events(cli, "--from-time", "2026-03-04T00:00:00Z", "--to-time", "2026-03-06T00:00:00Z")
+    assert 0 < len(middle) < len(events) / 3
+    assert all("2026-03-04T" <= e["at"] < "2026-03-06T" for e in middle)
+    assert cli("verify", "--db", "s.db").returncode == 0
+    # The same seed and end on a new database: the same log, byte for byte.
+    (tmp_path / "again").mkdir()
+    again = cli("seed", "--db", "again/s.db", "--commands", "400", "--seed", "3", "--days", "10",
+                "--until", "2026-03-11T00:00:00Z")
+    assert again.returncode == 0, again.stderr
+    assert cli("events", "--db", "again/s.db").stdout == cli("events", "--db", "s.db").stdout
+    # A second run on the same log starts no earlier than its newest event: `at` still never goes back.
+    more = cli("seed", "--db", "s.db", "--commands", "100", "--seed", "4", "--days", "30",
+               "--until", "2026-03-20T00:00:00Z")
+    assert more.returncode == 0, more.stderr
+    later = [e["at"] for e in _events(cli, "--limit", "100000")]
+    assert later == sorted(later) and later[-1] > times[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--days", "nan"], "argument --days: must be between 0 and 36500, not nan"),
+    (["--days", "-1"], "argument --days: must be between 0 and 36500, not -1"),
+    (["--until", "yesterday"], "argument --until: not an RFC 3339 time with an offset: 'yesterday'"),
+    (["--until", "0001-01-01T00:00:00Z"], "argument --until: must be between the years 200 and 9999"),
+])
+def test_seed_refuses_bad_days_and_until(cli, args, message):
+    done = cli("seed", "--db", "s.db", "--commands", "10", *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+# -- 10: the hint for a first start goes to stdout, the log to stderr -------------------------
+
+def test_serve_prints_its_hint_on_stdout_and_logs_on_stderr(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "orderlog.cli", "serve", "--db", "h.db", "--port", "0"],
+                            cwd=tmp_path, env=cli_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("orderlog is serving ws://127.0.0.1:"), first
+        assert "orderlog token --db h.db" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert "listening" in err and "is serving" not in err
+    assert proc.returncode == 0

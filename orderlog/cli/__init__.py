@@ -23,7 +23,7 @@ from typing import Any, Iterator, NoReturn, Sequence, TextIO
 import attrs
 
 from .. import __version__
-from ..canonical import dumps, event_json, time_bound
+from ..canonical import dumps, event_json, parse_time, time_bound
 from ..checkpoint import BadCheckpoint
 from ..domain import EVENT_TYPES, Event
 from ..protocol import MAX_SEQ
@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--commands", type=_positive, required=True, metavar="N", help="how many commands to send")
     p.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default 1)")
+    p.add_argument("--days", type=_days, default=30.0, metavar="D",
+                   help="spread the commands' `at` evenly over the D days before --until, never before the "
+                   "log's newest event (default 30; 0 stamps each batch with the time it is written)")
+    p.add_argument("--until", type=_rfc3339, default=None, metavar="TIME",
+                   help="when the simulated history ends, RFC 3339 (default now; with it the same --seed "
+                   "on a new database gives the same log, times included)")
     p.add_argument("--batch", type=_positive, default=DEFAULT_SEED_BATCH, metavar="B",
                    help=f"commands per transaction (default {DEFAULT_SEED_BATCH})")
     p.add_argument("--synchronous", type=str.upper, choices=("FULL", "NORMAL", "OFF"), default="FULL",
@@ -271,8 +277,27 @@ def _positive(text: str) -> int:
     return value
 
 
+def _days(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 36_500:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be between 0 and 36500, not {text}")
+    return value
+
+
+def _rfc3339(text: str):
+    try:
+        moment = parse_time(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not 200 <= moment.year <= 9999:  # --days back from it must stay a valid date
+        raise argparse.ArgumentTypeError(f"must be between the years 200 and 9999, not {text}")
+    return moment
+
+
 _non_negative.__name__ = "integer"  # argparse names the type in its message
 _positive.__name__ = "integer"
+_days.__name__ = "number of days"
+_rfc3339.__name__ = "time"
 
 
 def db_path(args: argparse.Namespace) -> str:
@@ -583,7 +608,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     store = open_store(path, create=True, synchronous=args.synchronous)
     bar = Progress("seed")
     try:
-        report = run_seed(store, args.commands, args.seed, args.batch, bar)
+        report = run_seed(store, args.commands, args.seed, args.batch, bar, days=args.days, until=args.until)
     finally:
         bar.clear()
         store.close()

@@ -440,7 +440,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"orderlog is serving {url}\n"
                       f"  mint a token:  orderlog token --db {settings.db} --sub alice --role customer --ttl 1h\n"
                       f"  then connect:  {url}?token=TOKEN\n"
-                      f"  or open the dashboard at {_http_url(url)} and paste the token", file=sys.stderr, flush=True)
+                      f"  or open the dashboard at {_http_url(url)} and paste the token", flush=True)
 
     # Full passes of the cyclic garbage collector stop the whole server; keep them short
     # (gcpolicy.py: what survives a pass is frozen; closed connections hand it back).

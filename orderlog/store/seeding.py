@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import gc
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 import attrs
 
-from ..canonical import format_time
+from ..canonical import format_time, parse_time
+from ..records import Filter
 from ..domain import Rejected
-from ..seed import CATALOG, SeedGenerator
+from ..seed import CATALOG, SeedGenerator, history_times
 from .log import Store
 
 DEFAULT_SEED_BATCH = 10_000  # commands per transaction while seeding (a bulk load: fewer, bigger commits)
@@ -37,10 +38,22 @@ class SeedReport:
 
 def run_seed(store: Store, commands: int, seed: int, batch: int,
              progress: Callable[[int, int], None] | None = None,
-             clock: Callable[[], str] | None = None) -> SeedReport:
-    """Send `commands` generated commands through `Store.execute_batch`, `batch` at a time."""
-    clock = clock or (lambda: format_time(datetime.now(timezone.utc)))
+             days: float = 0.0, until: datetime | None = None) -> SeedReport:
+    """Send `commands` generated commands through `Store.execute_batch`, `batch` at a time. Their
+    `at` spread evenly over the `days` before `until` (default now), starting no earlier than the
+    log's newest event, so `at` never goes back; `days=0` stamps each batch with the time it is sent."""
     start_head = store.head()
+    end = until or datetime.now(timezone.utc)
+    start = end - timedelta(days=days)
+    newest = store.read_events(Filter(after=start_head - 1), limit=1) if start_head and days else []
+    if newest:
+        start = min(max(start, parse_time(newest[0].at)), end)
+    if days:
+        def stamps(first: int, count: int) -> list[str]:
+            return history_times(start, end, first, count, commands)
+    else:
+        def stamps(first: int, count: int) -> list[str]:
+            return [format_time(datetime.now(timezone.utc))] * count
     generator = SeedGenerator(seed, run=f"r{start_head}", stock=_available(store))
     report = SeedReport()
     # The cyclic garbage collector would only re-scan each batch's objects while they live
@@ -48,7 +61,7 @@ def run_seed(store: Store, commands: int, seed: int, batch: int,
     collecting = gc.isenabled()
     gc.disable()
     try:
-        _seed_batches(store, generator, report, commands, batch, progress, clock)
+        _seed_batches(store, generator, report, commands, batch, progress, stamps)
     finally:
         if collecting:
             gc.enable()
@@ -58,10 +71,11 @@ def run_seed(store: Store, commands: int, seed: int, batch: int,
 
 
 def _seed_batches(store: Store, generator: SeedGenerator, report: SeedReport, commands: int, batch: int,
-                  progress: Callable[[int, int], None] | None, clock: Callable[[], str]) -> None:
+                  progress: Callable[[int, int], None] | None,
+                  stamps: Callable[[int, int], list[str]]) -> None:
     started = time.perf_counter()
     while report.commands < commands:
-        planned = generator.batch(min(batch, commands - report.commands), clock())
+        planned = generator.batch(stamps(report.commands, min(batch, commands - report.commands)))
         outcomes = store.execute_batch([p.request for p in planned]).outcomes
         for plan, outcome in zip(planned, outcomes):
             if isinstance(outcome, Rejected):
