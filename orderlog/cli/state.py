@@ -58,7 +58,8 @@ def rows_at(store: Store, at: int, order_id: str | None = None, sku: str | None 
 
 
 def cmd_state(args: argparse.Namespace) -> int:
-    from . import UsageError, _utf8_stdout, db_path
+    from . import UsageError, db_path
+    from .export import utf8_stdout
 
     store = open_store(db_path(args), readonly=True)
     try:
@@ -72,7 +73,7 @@ def cmd_state(args: argparse.Namespace) -> int:
         what = f"order {args.order}" if args.order else f"sku {args.sku}"
         sys.stderr.write(f"orderlog: {what} not found as of seq {args.at}\n")
         return EXIT_NOT_FOUND
-    _utf8_stdout(args.format)
+    utf8_stdout(args.format)
     write_rows(rows, args.format, sys.stdout)
     sys.stdout.flush()
     return 0
