@@ -442,3 +442,56 @@ def test_state_at_a_seq_is_the_same_on_both_backends(pg_url, cli, tmp_path):
         a, b = (cli("state", "--db", db, "--at", at) for db in (first, pg_url))
         assert a.returncode == b.returncode == 0, a.stderr + b.stderr
         assert a.stdout == b.stdout and a.stdout
+
+
+async def test_a_catch_up_read_that_loses_the_database_closes_1013_without_a_traceback(pg_url):
+    """Subscribers replay a log from 0 (reads from PostgreSQL, page by page) while the node's
+    connections are terminated: a replay whose read meets the lost connection ends with 1013 "try
+    again later" and one log line, never 1011 and a traceback; once PostgreSQL answers again a
+    replay from 0 gets the whole log."""
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    from orderlog.store.seeding import run_seed
+    from wsclient import token
+
+    store = open_store(pg_url, create=True)
+    try:
+        run_seed(store, 2500, 1, 500)
+        head = store.head()
+    finally:
+        store.close()
+    codes: list[int] = []
+
+    async def replay(url: str) -> int | None:
+        """Subscribe to orders from 0 and read to `live`: None, or the close code."""
+        try:
+            async with open_websocket_url(f"{url}?token={token('a-1', 'auditor')}") as ws:
+                await ws.get_message()  # welcome
+                await ws.send_message(json.dumps({"type": "subscribe", "id": "s", "channel": "orders", "since": 0}))
+                while json.loads(await ws.get_message())["type"] != "live":
+                    pass
+        except ConnectionClosed as exc:
+            return exc.reason.code
+        return None
+
+    with ServerProcess(pg_url) as node:
+        url = await node.started()
+        with trio.fail_after(90):
+            for _ in range(20):  # until a termination lands in the middle of a replay's read
+                async with trio.open_nursery() as nursery:
+                    async def one() -> None:
+                        codes.append(await replay(url))
+                    for _ in range(4):
+                        nursery.start_soon(one)
+                    await trio.sleep(0.05)
+                    await trio.to_thread.run_sync(_terminate_node_connections, pg_url)
+                if 1013 in codes:
+                    break
+            assert 1013 in codes, codes
+            assert set(codes) <= {None, 1013}, codes
+            while await replay(url) is not None:  # PostgreSQL answers again: a whole replay
+                await trio.sleep(0.2)
+        assert node.stop() == 0
+        assert "Traceback" not in node.stderr, node.stderr[-3000:]
+        assert "event=connection.database_lost" in node.stderr
+    assert head > 4000

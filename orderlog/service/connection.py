@@ -17,7 +17,7 @@ from ..domain import ErrorCode, Principal, Rejected, Role, authorize, can_see_or
 from ..feed import RESYNC_MESSAGES, Channel, FeedEvent, channel_frames, hash_sent, resume_refusal
 from ..records import Ack, Request
 from ..snapshot import SnapshotPager
-from ..store import snapshots
+from ..store import lost_database_errors, snapshots
 from ..wire import text_frame
 from .hub import Subscription
 from .metrics import channel_kind
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("orderlog")
 
 GOING_AWAY = 1001
+DATABASE_LOST = (1013, "database unavailable, try again")  # RFC 6455 1013: try again later
 CATCHUP_PAGE = 500  # events read from SQLite per catch-up step
 WINDOW_PAGE = 500  # events taken from the window per send-loop step
 MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
@@ -108,6 +109,12 @@ class Connection:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._lost(exc)
             stop_after = True
+        except Exception as exc:
+            if not isinstance(exc, lost_database_errors()):
+                raise
+            self._database_lost(exc)
+            await self.close(*DATABASE_LOST)
+            return
         if stop_after:
             self._stop()
 
@@ -353,10 +360,18 @@ class Connection:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._lost(exc)
             self._stop()
-        except Exception:
-            log.exception("event=connection.crashed conn=%d", self.number)
+        except Exception as exc:
             self._closing = True
-            self.close_soon(1011, "internal error")
+            if isinstance(exc, lost_database_errors()):
+                self._database_lost(exc)
+                self.close_soon(*DATABASE_LOST)
+            else:
+                log.exception("event=connection.crashed conn=%d", self.number)
+                self.close_soon(1011, "internal error")
+
+    def _database_lost(self, exc: Exception) -> None:
+        """The database went away under one of this connection's reads: one line, no traceback."""
+        log.warning("event=connection.database_lost conn=%d error=%s", self.number, type(exc).__name__)
 
     async def _dispatch(self, request: protocol.ClientRequest) -> None:
         principal = self.principal

@@ -8,8 +8,8 @@
 - `seeding`: the bulk load of `orderlog seed`.
 """
 
-from .backend import database_errors, display_name, is_postgres, known_migrations, open_store, schema_version_of
+from .backend import database_errors, display_name, lost_database_errors, is_postgres, known_migrations, open_store, schema_version_of
 from .log import Store, StoreError, Unavailable, migrations
 
-__all__ = ["database_errors", "Store", "StoreError", "Unavailable", "display_name", "is_postgres", "known_migrations",
+__all__ = ["database_errors", "lost_database_errors", "Store", "StoreError", "Unavailable", "display_name", "is_postgres", "known_migrations",
            "migrations", "open_store", "schema_version_of"]

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .log import Store
-from .schema import StoreError
+from .schema import StoreError, Unavailable
 from .schema import migrations as _sqlite_migrations
 from .schema import schema_version_of as _sqlite_schema_version_of
 
@@ -74,3 +74,13 @@ def known_migrations(db: str) -> int:
     if is_postgres(db):
         return len(_postgres().migrations())
     return len(_sqlite_migrations())
+
+
+def lost_database_errors() -> tuple[type[BaseException], ...]:
+    """What a read raises when the database went away under it (PostgreSQL restarting or failing
+    over, the connection terminated; a write already says `Unavailable`): the service ends the
+    connection with 1013 "try again later", logged in one line, and the client resumes. Never a
+    bug's error: those keep their traceback."""
+    psycopg = sys.modules.get("psycopg")
+    return (Unavailable,) if psycopg is None else (Unavailable, psycopg.OperationalError)
+
