@@ -19,8 +19,8 @@ ZERO_HASH = bytes(32)  # the `prev_hash` of event 1
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 UTC with milliseconds and a Z, the form of every stored `at`."""
-    moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    m = moment.astimezone(timezone.utc)  # four-digit years (strftime's %Y writes 987), so text order is time order
+    return f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}.{m.microsecond // 1000:03d}Z"
 
 
 def parse_time(text: str) -> datetime:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import trio
@@ -21,6 +22,7 @@ from trio_websocket import ConnectionClosed
 
 from conftest import REPO, cli_env
 from orderlog import protocol
+from orderlog.canonical import format_time, parse_time
 from orderlog.client import backoff_delay, tail
 from orderlog.store import Store
 from test_crash import ServerProcess
@@ -305,7 +307,7 @@ def test_the_seed_spreads_its_history_over_days_deterministically(cli, tmp_path)
     events = _events(cli)
     times = [e["at"] for e in events]
     assert times == sorted(times)
-    assert times[0] == "2026-03-01T00:00:00.000Z" and "2026-03-10T" in times[-1]
+    assert times[0] == "2026-03-01T00:00:00.000Z" and times[-1] == "2026-03-11T00:00:00.000Z"
     assert len(set(times)) > 300
     middle = _events(cli, "--from-time", "2026-03-04T00:00:00Z", "--to-time", "2026-03-06T00:00:00Z")
     assert 0 < len(middle) < len(events) / 3
@@ -323,6 +325,38 @@ def test_the_seed_spreads_its_history_over_days_deterministically(cli, tmp_path)
     assert more.returncode == 0, more.stderr
     later = [e["at"] for e in _events(cli, "--limit", "100000")]
     assert later == sorted(later) and later[-1] > times[-1]
+
+
+def test_the_seed_never_goes_back_in_time(cli):
+    """A history that would end before the log's newest event is refused, the log untouched; by
+    default it spans the 30 days before now."""
+    assert cli("seed", "--db", "s.db", "--commands", "50").returncode == 0
+    times = [e["at"] for e in _events(cli)]
+    now = datetime.now(timezone.utc)
+    assert now - timedelta(days=30, minutes=5) < parse_time(times[0]) < now - timedelta(days=29, hours=23)
+    assert now - timedelta(days=2) < parse_time(times[-1]) <= now  # the last command or one of the last
+    before = cli("seed", "--db", "s.db", "--commands", "50", "--until", "2020-01-01T00:00:00Z")
+    assert before.returncode == 2 and "Traceback" not in before.stderr
+    assert before.stderr.startswith("orderlog: error: s.db: the history cannot end at 2020-01-01T00:00:00.000Z, "
+                                    f"before the log's newest event (seq {len(times)}, at {times[-1]})")
+    assert [e["at"] for e in _events(cli)] == times
+
+
+@given(st.datetimes(timezones=st.just(timezone.utc)), st.datetimes(timezones=st.just(timezone.utc)))
+def test_stored_times_sort_as_the_instants_do(a, b):
+    """`at` and the time filters' bounds compare as text: format_time's order is time's order,
+    years before 1000 included (strftime wrote 987-..., after every 2026-...)."""
+    ms = timedelta(milliseconds=1)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert (format_time(a) < format_time(b)) == ((a - epoch) // ms < (b - epoch) // ms)
+    assert parse_time(format_time(a)) == epoch + (a - epoch) // ms * ms
+
+
+def test_a_time_filter_before_the_year_1000_selects_from_then(cli):
+    assert cli("seed", "--db", "s.db", "--commands", "20").returncode == 0
+    everything = _events(cli)
+    assert _events(cli, "--from-time", "0987-01-01T00:00:00Z") == everything
+    assert _events(cli, "--to-time", "0987-01-01T00:00:00Z") == []
 
 
 @pytest.mark.parametrize("args, message", [

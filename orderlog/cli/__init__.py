@@ -35,7 +35,7 @@ from ..store import (
     open_store,
     schema_version_of,
 )
-from ..store.seeding import DEFAULT_SEED_BATCH, run_seed
+from ..store.seeding import DEFAULT_SEED_BATCH, SeedError, run_seed
 from .progress import Progress
 
 DEFAULT_DB = "orderlog.db"
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commands", type=_positive, required=True, metavar="N", help="how many commands to send")
     p.add_argument("--seed", type=int, default=1, metavar="S", help="random seed (default 1)")
     p.add_argument("--days", type=_days, default=30.0, metavar="D",
-                   help="spread the commands' `at` evenly over the D days before --until, never before the "
+                   help="spread the commands' `at` evenly over the D days up to --until, never before the "
                    "log's newest event (default 30; 0 stamps each batch with the time it is written)")
     p.add_argument("--until", type=_rfc3339, default=None, metavar="TIME",
                    help="when the simulated history ends, RFC 3339 (default now; with it the same --seed "
@@ -454,6 +454,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
     bar = Progress("seed")
     try:
         report = run_seed(store, args.commands, args.seed, args.batch, bar, days=args.days, until=args.until)
+    except SeedError as exc:
+        raise UsageError(f"{display_name(path)}: {exc}; give a later --until") from None
     finally:
         bar.clear()
         store.close()

@@ -36,24 +36,19 @@ class SeedReport:
         return self.commands / self.seconds if self.seconds > 0 else 0.0
 
 
+class SeedError(Exception):
+    """The seed cannot write the history it was asked for (one line, nothing written)."""
+
+
 def run_seed(store: Store, commands: int, seed: int, batch: int,
              progress: Callable[[int, int], None] | None = None,
              days: float = 0.0, until: datetime | None = None) -> SeedReport:
     """Send `commands` generated commands through `Store.execute_batch`, `batch` at a time. Their
     `at` spread evenly over the `days` before `until` (default now), starting no earlier than the
-    log's newest event, so `at` never goes back; `days=0` stamps each batch with the time it is sent."""
+    log's newest event, so `at` never goes back; `days=0` stamps each batch with the time it is sent.
+    SeedError if `until` is before the log's newest event."""
     start_head = store.head()
-    end = until or datetime.now(timezone.utc)
-    start = end - timedelta(days=days)
-    newest = store.read_events(Filter(after=start_head - 1), limit=1) if start_head and days else []
-    if newest:
-        start = min(max(start, parse_time(newest[0].at)), end)
-    if days:
-        def stamps(first: int, count: int) -> list[str]:
-            return history_times(start, end, first, count, commands)
-    else:
-        def stamps(first: int, count: int) -> list[str]:
-            return [format_time(datetime.now(timezone.utc))] * count
+    stamps = _stamps(store, start_head, commands, days, until)
     generator = SeedGenerator(seed, run=f"r{start_head}", stock=_available(store))
     report = SeedReport()
     # The cyclic garbage collector would only re-scan each batch's objects while they live
@@ -90,6 +85,26 @@ def _seed_batches(store: Store, generator: SeedGenerator, report: SeedReport, co
         if progress:
             progress(report.commands, commands)
     report.seconds = time.perf_counter() - started
+
+
+def _stamps(store: Store, head: int, commands: int, days: float,
+            until: datetime | None) -> Callable[[int, int], list[str]]:
+    """The seed's clock: the `at` of commands `first .. first+count-1`, as `stamps(first, count)`.
+    The simulated history runs from `days` before its end (`until`, or now) to its end, but starts
+    no earlier than the log's newest event; an end before that event is a SeedError (a default end,
+    now, before it moves up to it: a log written by a clock ahead of this one)."""
+    if not days:
+        return lambda first, count: [format_time(datetime.now(timezone.utc))] * count
+    newest_events = store.read_events(Filter(after=head - 1), limit=1) if head else []
+    newest = parse_time(newest_events[0].at) if newest_events else None
+    end = until or datetime.now(timezone.utc)
+    if newest and end < newest:
+        if until:
+            raise SeedError(f"the history cannot end at {format_time(until)}, before the log's newest "
+                            f"event (seq {head}, at {newest_events[0].at}): `at` never goes back")
+        end = newest
+    start = max(end - timedelta(days=days), newest) if newest else end - timedelta(days=days)
+    return lambda first, count: history_times(start, end, first, count, commands)
 
 
 def _available(store: Store) -> dict[str, int]:
