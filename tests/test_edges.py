@@ -327,6 +327,23 @@ def test_the_seed_spreads_its_history_over_days_deterministically(cli, tmp_path)
     assert later == sorted(later) and later[-1] > times[-1]
 
 
+async def test_query_time_filters_select_a_day_of_a_seeded_history(cli, tmp_path):
+    """The protocol's query, on the server, selects the same part of a seeded history as `events`."""
+    seeded = await trio.to_thread.run_sync(lambda: cli(
+        "seed", "--db", "s.db", "--commands", "300", "--seed", "5", "--days", "5", "--until", "2026-06-06T00:00:00Z"))
+    assert seeded.returncode == 0, seeded.stderr
+    window = ("--from-time", "2026-06-03T00:00:00Z", "--to-time", "2026-06-04T00:00:00+00:00")
+    exported = await trio.to_thread.run_sync(lambda: _events(cli, *window))
+    everything = await trio.to_thread.run_sync(lambda: _events(cli))
+    assert 0 < len(exported) < len(everything) / 3
+    async with running_server(tmp_path, db=tmp_path / "s.db") as (url, _, _):
+        async with session(url, "audit-1", "auditor") as auditor:
+            reply = await auditor.request({"type": "query", "limit": 1000, "filter": {
+                "from_time": window[1], "to_time": window[3]}})
+    assert [e["seq"] for e in reply["events"]] == [e["seq"] for e in exported]
+    assert all("2026-06-03T" <= e["at"] < "2026-06-04T" for e in reply["events"])
+
+
 def test_the_seed_never_goes_back_in_time(cli):
     """A history that would end before the log's newest event is refused, the log untouched; by
     default it spans the 30 days before now."""
