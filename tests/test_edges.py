@@ -7,6 +7,8 @@ talks to it over real sockets or through its exit code and stderr.
 from __future__ import annotations
 
 import json
+import os
+import re
 import random
 import shutil
 import socket
@@ -402,3 +404,28 @@ def test_serve_prints_its_hint_on_stdout_and_logs_on_stderr(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert "listening" in err and "is serving" not in err
     assert proc.returncode == 0
+
+
+async def test_serve_serves_on_when_nobody_reads_its_stdout(tmp_path):
+    """`orderlog serve | true`: the hint meets a closed pipe; it is dropped, the server serves on
+    (it stopped with a BrokenPipeError traceback)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "orderlog.cli", "serve", "--db", "h.db", "--port", "0"],
+                            cwd=tmp_path, env=cli_env(), stdin=subprocess.DEVNULL,
+                            stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    try:
+        listening = ""
+        while "event=listening" not in listening:  # after the note of the secret it created
+            listening = await trio.to_thread.run_sync(proc.stderr.readline)
+            assert listening, "serve stopped"
+        url = re.search(r"url=(ws://\S+)", listening).group(1)
+        for _ in range(2):  # the hint is written as soon as the server listens, before these
+            status, _, _ = await http_get(url, "/v1/checkpoint")
+            assert status == 404
+            await trio.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=30))
+    assert proc.returncode == 0 and "Traceback" not in err, err

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return EXIT_BROKEN_PIPE
     except Exception as exc:
         if not isinstance(exc, database_errors()):
@@ -107,7 +107,7 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """After the reader closed the pipe, point stdout at /dev/null so the exit flush is quiet."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)

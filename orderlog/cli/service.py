@@ -18,7 +18,7 @@ from ..domain import Role
 from ..service import gcpolicy, logs
 from ..service.settings import Settings
 from ..store import StoreError, open_store
-from . import DEFAULT_DB, UsageError, config
+from . import DEFAULT_DB, UsageError, config, silence_stdout
 from .settings import (
     TOKEN_FILE_KEYS,
     flag_type,
@@ -75,10 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             url = await nursery.start(partial(serve, settings))
             started["url"] = url
             if settings.keys.algorithm == "HS256" and args.jwt_secret is None and env_setting("JWT_SECRET") is None:
-                print(f"orderlog is serving {url}\n"
+                _hint(f"orderlog is serving {url}\n"
                       f"  mint a token:  orderlog token --db {settings.db} --sub alice --role customer --ttl 1h\n"
                       f"  then connect:  {url}?token=TOKEN\n"
-                      f"  or open the dashboard at {_http_url(url)} and paste the token", flush=True)
+                      f"  or open the dashboard at {_http_url(url)} and paste the token")
 
     # Full passes of the cyclic garbage collector stop the whole server; keep them short
     # (gcpolicy.py: what survives a pass is frozen; closed connections hand it back).
@@ -95,6 +95,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
         raise
     return 0
+
+
+def _hint(text: str) -> None:
+    """The start-up hint on stdout. A courtesy: when nobody reads stdout (`orderlog serve | true`,
+    a closed pipe) it is dropped, stdout goes to /dev/null, and the server serves on."""
+    try:
+        print(text, flush=True)
+    except OSError:  # BrokenPipeError; EIO from a terminal that hung up
+        silence_stdout()
 
 
 def _check_database(settings: Settings) -> None:
