@@ -5,6 +5,7 @@ outside trio."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -165,3 +166,55 @@ def test_a_token_provider_refreshes_in_band_and_reconnects_after_expiry_with_a_f
             server.stop()
 
     asyncio.run(main())
+
+
+def test_tail_token_command_gets_a_fresh_token_after_a_restart_past_expiry(tmp_path: Path) -> None:
+    """`orderlog tail --token-command CMD` runs CMD for every connect: the server comes back
+    after the last token expired, and tail resumes with a fresh one, without gap."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+    from wsclient import SECRET
+
+    db, port = tmp_path / "orderlog.db", free_port()
+    url = f"ws://127.0.0.1:{port}/v1/ws"
+    mint = f"{sys.executable} -m orderlog.cli token --sub s1 --role staff --ttl 4s --jwt-secret {SECRET}"
+    server = serve(db, port)
+    tail = None
+    try:
+        asyncio.run(stock(url))
+        tail = subprocess.Popen([sys.executable, "-m", "orderlog.cli", "tail", "--url", url, "--token-command", mint,
+                                 "--channel", "inventory", "--since", "0", "--count", "2"],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert tail.stdout is not None
+        first = json.loads(tail.stdout.readline())
+        assert first["seq"] == 1
+        server.kill()
+        time.sleep(4.5)  # the token tail holds has expired
+        server = serve(db, port)
+        asyncio.run(stock(url, 5))
+        out, err = tail.communicate(timeout=TIMEOUT)
+        second = json.loads(out)
+        assert second["seq"] == 2 and second["prev"] == 1, err
+        assert tail.returncode == 0, err
+        assert "resumed inventory from seq 1" in err
+    finally:
+        if tail is not None and tail.poll() is None:
+            tail.kill()
+            tail.wait()
+        server.stop()
+
+
+def test_tail_token_command_that_fails_says_which_and_why(cli) -> None:
+    """A --token-command that fails, or prints no single token, is one precise line and exit 1;
+    with --token as well, exit 2."""
+    failed = cli("tail", "--url", "ws://127.0.0.1:9/v1/ws", "--token-command", "echo vault sealed >&2; exit 3")
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == ("orderlog tail: error: --token-command 'echo vault sealed >&2; exit 3' "
+                                     "failed (exit 3): vault sealed")
+    empty = cli("tail", "--url", "ws://127.0.0.1:9/v1/ws", "--token-command", "true")
+    assert empty.returncode == 1
+    assert empty.stderr.strip() == "orderlog tail: error: --token-command 'true' printed 0 words, not one token"
+    both = cli("tail", "--token", "t", "--token-command", "true")
+    assert both.returncode == 2 and "--token and --token-command exclude each other" in both.stderr
