@@ -437,7 +437,7 @@ def test_orderlog_js_token_provider_refreshes_and_resumes_with_a_fresh_token(tmp
     """orderlog.js with an async token provider of short-lived tokens: it refreshes in band (the
     connection outlives the first token), and after a restart that comes once the last token
     expired it connects with a fresh one and resumes from its last seq without gap."""
-    ttl = 3.0
+    ttl = 4.0
     db = tmp_path / "orderlog.db"
     server = ServerProcess(db, free_port())
     server.start()

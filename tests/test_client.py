@@ -237,7 +237,7 @@ async def test_tail_snapshot_prints_the_rows_then_the_events(tmp_path: Path) -> 
         assert event["type"] == "stock-added" and event["prev"] == 1 and event["data"]["quantity"] == 5
 
 
-TTL = 3.0  # seconds: the tokens of the provider test (the server's sweep checks expiry every 0.25 s)
+TTL = 4.0  # seconds: the tokens of the provider test (refreshed 0.8 s before expiry; the sweep checks every 0.25 s)
 
 
 async def test_a_token_provider_refreshes_in_band_and_reconnects_after_expiry_with_a_fresh_token(tmp_path: Path) -> None:

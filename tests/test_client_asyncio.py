@@ -127,7 +127,7 @@ def test_refused_token_raises_and_a_failing_provider_says_why(tmp_path: Path) ->
     asyncio.run(main())
 
 
-TTL = 3.0  # seconds: the tokens of the provider tests (the server's sweep checks expiry every 0.5 s or so)
+TTL = 4.0  # seconds: the tokens of the provider test (refreshed 0.8 s before expiry; the sweep checks every 0.25 s)
 
 
 def test_a_token_provider_refreshes_in_band_and_reconnects_after_expiry_with_a_fresh_token(tmp_path: Path) -> None:
@@ -218,3 +218,17 @@ def test_tail_token_command_that_fails_says_which_and_why(cli) -> None:
     assert empty.stderr.strip() == "orderlog tail: error: --token-command 'true' printed 0 words, not one token"
     both = cli("tail", "--token", "t", "--token-command", "true")
     assert both.returncode == 2 and "--token and --token-command exclude each other" in both.stderr
+
+
+def test_the_asyncio_client_loads_no_trio() -> None:
+    """`import orderlog.client.asyncio` loads neither trio nor trio-websocket (an asyncio service need not)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = ("import sys, orderlog.client.asyncio\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'trio_websocket')))")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
