@@ -431,3 +431,63 @@ def test_orderlog_js_anchors_on_the_newest_event_with_a_hash(tmp_path: Path, bro
         done.set()
         server.stop()
         feeder.join(10)
+
+
+def test_orderlog_js_token_provider_refreshes_and_resumes_with_a_fresh_token(tmp_path: Path, browser) -> None:
+    """orderlog.js with an async token provider of short-lived tokens: it refreshes in band (the
+    connection outlives the first token), and after a restart that comes once the last token
+    expired it connects with a fresh one and resumes from its last seq without gap."""
+    ttl = 4.0
+    db = tmp_path / "orderlog.db"
+    server = ServerProcess(db, free_port())
+    server.start()
+    issued: list[float] = []
+
+    def fresh_token() -> str:
+        issued.append(time.time())
+        return mint("s1", "staff", ttl, time.time(), SECRET, "HS256")
+
+    def wait_until(condition: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not page.evaluate(condition):
+            assert time.monotonic() < deadline, f"not within {timeout} s: {condition}"
+            page.wait_for_timeout(50)  # lets the page's calls to fresh_token through
+
+    try:
+        send_commands(server.url, "s1", "staff", [("add_stock", None, {"sku": "kibble", "quantity": 100})])
+        page = browser.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.expose_function("freshToken", fresh_token)
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.evaluate("""async (url) => {
+            const { OrderlogClient } = await import("/orderlog.js");
+            window.seen = [];
+            window.texts = [];
+            const client = new OrderlogClient(url, async () => await window.freshToken(), {
+              backoffStart: 100, backoffCap: 300, onStatus: (s) => window.texts.push(s.text) });
+            client.subscribe("orders", { since: 0, onEvent: (e) => window.seen.push([e.seq, e.prev, e.stream]) });
+            client.start();
+            window.client = client;
+        }""", server.url)
+        wait_until("window.texts.includes('connected')")
+        page.wait_for_timeout(ttl * 1500)  # beyond the first token's life, on one connection
+        assert len(issued) >= 2
+        assert page.evaluate("window.texts") == ["connecting…", "connected"]
+        send_commands(server.url, "bob", "customer", [("place_order", "o-1", order())])
+        wait_until("window.seen.length === 1")
+        [[first_seq, _, _]] = page.evaluate("window.seen")
+
+        server.stop()
+        place_directly(db, "carol", "o-while-down")
+        page.wait_for_timeout((ttl + 0.5) * 1000)  # every token issued before the stop has expired
+        issued_before = len(issued)
+        server.start()
+        wait_until("window.seen.length === 2", 15)
+        [_, [seq, prev, stream]] = page.evaluate("window.seen")
+        assert stream == "order:o-while-down" and prev == first_seq
+        assert len(issued) > issued_before
+        assert f"resumed from seq {first_seq}" in page.evaluate("window.texts")
+        assert page.evaluate("window.client.status.state") == "resumed"
+        page.evaluate("window.client.close()")
+    finally:
+        server.stop()

@@ -235,3 +235,68 @@ async def test_tail_snapshot_prints_the_rows_then_the_events(tmp_path: Path) -> 
         assert first == {"stock": {"sku": "kibble", "name": None, "available": 50, "reserved": 0, "version": 1,
                                    "last_seq": 1}}
         assert event["type"] == "stock-added" and event["prev"] == 1 and event["data"]["quantity"] == 5
+
+
+TTL = 4.0  # seconds: the tokens of the provider test (refreshed 0.8 s before expiry; the sweep checks every 0.25 s)
+
+
+async def test_a_token_provider_refreshes_in_band_and_reconnects_after_expiry_with_a_fresh_token(tmp_path: Path) -> None:
+    """A short-lived token from a (sync) provider is refreshed in band, so the connection outlives
+    it; after a restart that comes once the last token expired, the client connects with a fresh
+    one and resumes without gap."""
+    import time
+
+    db, port = tmp_path / "orderlog.db", free_port()
+    notes: list[str] = []
+    issued: list[float] = []
+
+    def provider() -> str:
+        issued.append(time.time())
+        return token("s1", "staff", ttl=TTL)
+
+    async with server_on(db, port) as url:
+        await stock(url)
+    async with trio.open_nursery() as nursery:
+        stopped, restart = trio.Event(), trio.Event()
+
+        async def server_twice() -> None:
+            async with server_on(db, port):
+                await stopped.wait()
+            place_directly(db, "carol", "o-while-down")
+            await restart.wait()
+            async with server_on(db, port):
+                await trio.sleep_forever()
+
+        nursery.start_soon(server_twice)
+        await trio.sleep(0.2)
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", provider, on_status=notes.append, **FAST) as client:
+            events = client.subscribe("orders", since=0).__aiter__()
+            await trio.sleep(TTL * 1.5)  # beyond the first token's life, on one connection
+            assert len(issued) >= 2 and not any(n.startswith("disconnected") for n in notes), notes
+            assert any(n.startswith("token refreshed") for n in notes)
+            await client.command("place_order", order_id="o-1", data={"items": [{"sku": "kibble", "quantity": 1}]})
+            [first] = await next_events(events, 1)
+            stopped.set()
+            await trio.sleep(TTL + 0.5)  # every token issued so far has expired
+            expired_before = len(issued)
+            restart.set()
+            [missed] = await next_events(events, 1)
+            assert missed["stream"] == "order:o-while-down" and missed["prev"] == first["seq"]
+            assert len(issued) > expired_before
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_token_provider_raises_token_unavailable(tmp_path: Path) -> None:
+    """A provider that fails before the first connect raises TokenUnavailable with its reason (async providers too)."""
+    from orderlog.client import TokenUnavailable
+
+    async def broken() -> str:
+        raise RuntimeError("the vault is sealed")
+
+    async with server_on(tmp_path / "orderlog.db", free_port()) as url:
+        with trio.fail_after(TIMEOUT), pytest.raises(TokenUnavailable, match="the vault is sealed"):
+            async with connect(url, broken, **FAST):
+                pass
+        with trio.fail_after(TIMEOUT), pytest.raises(TokenUnavailable, match="returned NoneType, not a token"):
+            async with connect(url, lambda: None, **FAST):
+                pass

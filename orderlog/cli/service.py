@@ -164,6 +164,38 @@ def cmd_token(args: argparse.Namespace) -> int:
 # -- tail ----------------------------------------------------------------------------------
 
 
+TOKEN_COMMAND_TIMEOUT = 30.0  # seconds a --token-command may take
+
+
+def token_command(command: str):
+    """A token provider that runs `command` in the shell and returns its stdout (one token):
+    called before every connect and before the token expires. A command that fails, hangs or
+    prints no token raises TokenUnavailable naming it, with its exit code and last stderr line."""
+    import trio
+
+    from ..client import TokenUnavailable
+
+    async def provider() -> str:
+        try:
+            with trio.fail_after(TOKEN_COMMAND_TIMEOUT):
+                done = await trio.run_process(command, shell=True, capture_stdout=True, capture_stderr=True,
+                                              check=False, stdin=b"")
+        except trio.TooSlowError:
+            raise TokenUnavailable(f"--token-command {command!r} did not finish within {TOKEN_COMMAND_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise TokenUnavailable(f"--token-command {command!r} could not run: {exc}") from None
+        errors = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        said = f": {errors[-1]}" if errors else ""
+        if done.returncode != 0:
+            raise TokenUnavailable(f"--token-command {command!r} failed (exit {done.returncode}){said}")
+        lines = done.stdout.decode("utf-8", "replace").split()
+        if len(lines) != 1:
+            raise TokenUnavailable(f"--token-command {command!r} printed {len(lines)} words, not one token{said}")
+        return lines[0]
+
+    return provider
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     import trio
 
@@ -172,9 +204,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if args.db is not None:
         raise UsageError("tail reads a running server's feed (--url), not a database file: "
                          f"for the file itself, use `orderlog events --db {args.db}`")
-    token = args.token or env_setting("TOKEN")
+    if args.token is not None and args.token_command is not None:
+        raise UsageError("--token and --token-command exclude each other")
+    token = token_command(args.token_command) if args.token_command else (args.token or env_setting("TOKEN"))
     if not token:
-        raise UsageError("tail needs --token (or ORDERLOG_TOKEN)")
+        raise UsageError("tail needs --token, --token-command or ORDERLOG_TOKEN")
     if args.snapshot and args.since is not None:
         raise UsageError("--snapshot and --since exclude each other (--since resumes; --snapshot starts afresh)")
 
@@ -290,6 +324,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     )
     tail.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws", help="server URL (default %(default)s)")
     tail.add_argument("--token", help="JWT (env ORDERLOG_TOKEN)")
+    tail.add_argument("--token-command", metavar="CMD",
+                      help="a shell command that prints a fresh JWT; run before every connect and before the "
+                      "token expires (sent in band), e.g. \"orderlog token --sub s1 --role staff --ttl 15m\"")
     tail.add_argument("--channel", default="orders", help="orders (default), inventory or order:<order_id>")
     tail.add_argument("--since", type=flag_type(seq_flag), metavar="SEQ",
                       help="replay events after this seq first (default: live only)")

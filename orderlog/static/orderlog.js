@@ -25,7 +25,12 @@
  *
  * The token goes in a first `auth` message, not in the URL, so it does not end up in proxy logs
  * or the browser's console. `{tokenInUrl: true}` sends it as `?token=` instead (for a server
- * that wants it in the handshake).
+ * that wants it in the handshake). Instead of a token, pass a token provider: a function, sync
+ * or async, that returns a fresh one. It is called before every connect, and before the token
+ * expires (30 s before, or after 80 % of its remaining life at welcome if that is shorter), and
+ * its token is sent in band (`auth`, a new welcome follows); a close for an expired token then
+ * reconnects with a fresh one instead of signing out. A provider that fails before the first
+ * connect signs out (state "unauthorized"); later, it only delays the reconnect.
  *
  * Fast on big replays: a burst of WebSocket messages is queued as it arrives and handled in
  * one task (parse, check, deliver), and an "event" DOM event is built only when someone
@@ -44,6 +49,10 @@ export const BACKOFF_CAP_MS = 30000;
 export const STABLE_AFTER_MS = 10000; // connected this long: the backoff starts over
 const UNAUTHORIZED = 4001; // the server's close code for a refused token
 const SUB_ID = "sub-"; // subscribe requests carry id "sub-N" so a refusal finds its subscription
+const AUTH_ID = "auth-"; // in-band refreshes carry id "auth-N"
+const REFRESH_LEAD_MS = 30000; // a provider's token is refreshed this long before expiry at the latest ...
+const REFRESH_SHARE = 0.2; // ... or after 80 % of the life it had left at welcome, if shorter
+const TOKEN_EXPIRED = "token expired"; // the close reason after which a fresh token may help
 
 /** An `error` reply: `code` is the protocol's error code. */
 export class OrderlogError extends Error {
@@ -97,7 +106,8 @@ class Subscription {
 export class OrderlogClient extends EventTarget {
   /**
    * @param {string} url      ws:// or wss:// URL of the /v1/ws endpoint
-   * @param {string} token    a JWT, sent in a first `auth` message (browsers cannot set headers)
+   * @param {string|function} token  a JWT, sent in a first `auth` message (browsers cannot set
+   *                          headers), or a provider: a function (sync or async) returning one
    * @param {object} options  onStatus(status), backoffStart, backoffCap, stableAfter (ms),
    *                          tokenInUrl (send the token as ?token= instead),
    *                          WebSocket (a constructor, for tests)
@@ -120,6 +130,8 @@ export class OrderlogClient extends EventTarget {
     this._stopped = true;
     this._attempt = 0;
     this._timer = null;
+    this._refreshTimer = null;
+    this._opening = false; // a provider is being asked for the token to connect with
     this._everConnected = false;
     this._subs = new Map(); // channel -> Subscription
     this._pending = new Map(); // request id -> {frame, resolve, reject}
@@ -158,7 +170,8 @@ export class OrderlogClient extends EventTarget {
   close() {
     this._stopped = true;
     clearTimeout(this._timer);
-    this._timer = null;
+    clearTimeout(this._refreshTimer);
+    this._timer = this._refreshTimer = null;
     this._inbox = []; // nothing more is delivered
     const ws = this._ws;
     this._ws = null;
@@ -170,16 +183,16 @@ export class OrderlogClient extends EventTarget {
 
   /** Skip the rest of the backoff wait and try now. */
   reconnectNow() {
-    if (this._stopped || this._ws) return;
+    if (this._stopped || this._ws || this._opening) return;
     clearTimeout(this._timer);
     this._timer = null;
     this._open();
   }
 
-  /** Use a new token: sent in band now if connected (a new welcome follows), else on connect. */
+  /** Use a new token (or provider): sent in band now if connected (a new welcome follows), else on connect. */
   setToken(token) {
     this.token = token;
-    if (this._ready) this._send({ type: "auth", token });
+    if (this._ready) this._refresh();
   }
 
   // -- requests ------------------------------------------------------------------------
@@ -239,10 +252,43 @@ export class OrderlogClient extends EventTarget {
 
   // -- the connection ------------------------------------------------------------------
 
+  /** The token to connect or refresh with: the fixed one, or what the provider returns now. */
+  async _freshToken() {
+    const token = typeof this.token === "function" ? await this.token() : this.token;
+    if (typeof token !== "string" || !token) throw new Error(`the token provider returned ${typeof token}, not a token`);
+    return token;
+  }
+
   _open() {
     this._timer = null;
+    if (typeof this.token !== "function") {
+      this._connect(this.token);
+      return;
+    }
+    this._opening = true;
+    this._freshToken().then(
+      (token) => {
+        this._opening = false;
+        if (!this._stopped && !this._ws) this._connect(token);
+      },
+      (err) => {
+        this._opening = false;
+        if (this._stopped) return;
+        if (!this._everConnected) {
+          this._stopped = true;
+          const reason = `no token: ${err.message}`;
+          this._rejectAll(new OrderlogError("unauthorized", reason));
+          this._setStatus({ state: "unauthorized", text: `signed out: ${reason}`, reason });
+          return;
+        }
+        this._scheduleReconnect(null, `no token: ${err.message}`);
+      },
+    );
+  }
+
+  _connect(token) {
     const sep = this.url.includes("?") ? "&" : "?";
-    const url = this.tokenInUrl ? `${this.url}${sep}token=${encodeURIComponent(this.token)}` : this.url;
+    const url = this.tokenInUrl ? `${this.url}${sep}token=${encodeURIComponent(token)}` : this.url;
     let ws;
     try {
       ws = new this.WebSocket(url);
@@ -257,7 +303,7 @@ export class OrderlogClient extends EventTarget {
     ws.onopen = () => {
       openedAt = Date.now();
       // The token's first way in: the auth message, before anything else (requests wait for welcome).
-      if (!this.tokenInUrl && ws === this._ws) ws.send(JSON.stringify({ type: "auth", token: this.token }));
+      if (!this.tokenInUrl && ws === this._ws) ws.send(JSON.stringify({ type: "auth", token }));
     };
     ws.onmessage = (message) => {
       if (ws !== this._ws) return;
@@ -271,9 +317,13 @@ export class OrderlogClient extends EventTarget {
     ws.onclose = (close) => {
       if (ws !== this._ws) return;
       this._drain(); // what came before the close, first
+      const welcomed = this._ready;
       this._ws = null;
       this._ready = false;
-      if (close.code === UNAUTHORIZED) {
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
+      const refreshable = typeof this.token === "function" && welcomed && close.reason === TOKEN_EXPIRED;
+      if (close.code === UNAUTHORIZED && !refreshable) {
         this._stopped = true;
         const reason = close.reason || "authentication failed";
         this._rejectAll(new OrderlogError("unauthorized", reason));
@@ -301,6 +351,33 @@ export class OrderlogClient extends EventTarget {
       opened,
     });
     this._timer = setTimeout(() => this._open(), delay);
+  }
+
+  /** With a provider: a fresh token in band before this welcome's token expires. */
+  _scheduleRefresh(welcome) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    const expires = Date.parse(welcome.expires_at);
+    if (typeof this.token !== "function" || Number.isNaN(expires)) return;
+    const left = Math.max(0, expires - Date.now());
+    const delay = Math.max(0, left - Math.min(REFRESH_LEAD_MS, left * REFRESH_SHARE));
+    const ws = this._ws;
+    this._refreshTimer = setTimeout(() => {
+      this._refreshTimer = null;
+      if (ws === this._ws) this._refresh();
+    }, delay);
+  }
+
+  /** Send the current token (or the provider's fresh one) in band; a new welcome answers. */
+  _refresh() {
+    const ws = this._ws;
+    this._freshToken().then(
+      (token) => {
+        if (ws === this._ws && this._ready) this._send({ type: "auth", id: `${AUTH_ID}${this._nextId++}`, token });
+      },
+      // The server closes with `token expired`; the reconnect asks the provider again.
+      (err) => this._setStatus({ ...this.status, text: `${this.status.text} (no fresh token: ${err.message})` }),
+    );
   }
 
   _subscribeFrame(sub) {
@@ -377,6 +454,7 @@ export class OrderlogClient extends EventTarget {
     const first = this.welcome === null && !this._everConnected;
     this.welcome = welcome;
     this.dispatchEvent(new CustomEvent("welcome", { detail: welcome }));
+    this._scheduleRefresh(welcome);
     if (this._ready) return; // a refreshed token: same connection, nothing to resend
     this._ready = true;
     this._everConnected = true;
