@@ -64,6 +64,8 @@ ITEM = {"sku": "kibble", "quantity": 1}
 TEMPLATES: dict[str, dict[str, Any]] = {
     "subscribe": {"type": "subscribe", "channel": "orders", "since": 0, "log_id": "x"},
     "subscribe-order": {"type": "subscribe", "channel": "order:o-1"},
+    "subscribe-anchor": {"type": "subscribe", "channel": "orders", "since": 1, "anchor": {"seq": 1, "hash": "0" * 64}},
+    "subscribe-snapshot": {"type": "subscribe", "channel": "inventory", "snapshot": True},
     "unsubscribe": {"type": "unsubscribe", "channel": "orders"},
     "place_order": {"type": "command", "name": "place_order", "order_id": "o-new", "expected_version": 0,
                     "data": {"items": [dict(ITEM)], "ship_to": "here", "note": "n", "customer": "alice"}},
@@ -74,6 +76,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "cancel_order": {"type": "command", "name": "cancel_order", "order_id": "o-1", "data": {"reason": "r"}},
     "get-order": {"type": "get", "order_id": "o-1"},
     "get-sku": {"type": "get", "sku": "kibble"},
+    "get-as-of": {"type": "get", "order_id": "o-1", "as_of": 1, "anchor": {"seq": 1, "hash": "0" * 64}},
     "query": {"type": "query", "limit": 10, "filter": {
         "stream": "order:o-1", "order_id": "o-1", "types": ["order-created"], "actor": "alice", "after": 0,
         "until": 100, "from_time": "2020-01-01T00:00:00Z", "to_time": "2100-01-01T00:00:00+02:00"}},
@@ -261,6 +264,14 @@ def test_hostile_values_in_every_field_get_an_error_frame_and_keep_the_connectio
                    [("after", 2**63), ("until", 2**63), ("to_time", "9999-12-31T23:59:59.9999+00:00"),
                     ("from_time", "0001-01-01T00:00:00+23:59")]]
         trio.run(_throw, url, [("query-attack", a) for a in attacks], staff, counter)
+        # The v1.2 fields (anchor, as_of, snapshot) with every hostile value, whatever hypothesis draws.
+        v12 = {"subscribe-anchor": [("since",), ("anchor",), ("anchor", "seq"), ("anchor", "hash")],
+               "get-as-of": [("as_of",), ("anchor",), ("anchor", "seq"), ("anchor", "hash")],
+               "subscribe-snapshot": [("snapshot",), ("channel",)]}
+        for who in (staff, customer):
+            trio.run(_throw, url, [(f"{name}:{'.'.join(path)}", render(_set(TEMPLATES[name], path, value)))
+                                   for name, paths in v12.items() for path in paths for value in HOSTILE],
+                     who, counter)
         throw()
         first_auth()
         assert server.proc.poll() is None, "the server died"
