@@ -54,6 +54,14 @@ def main(argv: list[str]) -> int:
     return args.func(args)
 
 
+def _baselines(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {' and '.join(BASELINES)}, got {text!r}")
+    return names
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     scenarios = list(SCENARIOS) if "all" in args.scenarios else list(dict.fromkeys(args.scenarios))
     if args.url and not args.jwt_secret:
@@ -94,7 +102,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                           if k not in ("func", "jwt_secret", "client_now")}, "scenarios": {}}
     say(f"commit {report['commit']}{' (with local changes in ' + ', '.join(report['dirty_files']) + ')' if report['dirty_files'] else ''}")
-    workdir = Path(tempfile.mkdtemp(prefix="orderlog-bench-", dir=args.scratch))
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="orderlog-bench-", dir=args.scratch))
+    except OSError as exc:
+        print(f"orderlog: error: --scratch {args.scratch}: cannot make the scratch folder there: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
     args.workdir = workdir
     ok = True
     try:
@@ -171,6 +184,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--server-pid", type=_pids, help="with --url: the server's pid (PID1,PID2,... for several nodes: "
                    "CPU is summed), for CPU and RSS figures")
     p.add_argument("--baseline", action="store_true", help="also run the baselines (needs the `bench` extra)")
+    p.add_argument("--baselines", type=_baselines, default=BASELINES, metavar="NAME[,NAME]",
+                   help="with --baseline: which ones, of trio and websockets (default both)")
     p.add_argument("--repeat", type=_positive(int), default=1, help="runs per target; medians are reported (default 1)")
     p.add_argument("--procs", type=_positive(int), default=2, help="client processes (default 2)")
     p.add_argument("--duration", type=_positive(float), default=10.0, help="measured seconds per run (default 10)")

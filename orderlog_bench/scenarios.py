@@ -401,7 +401,7 @@ def run_scenario(scenario: str, o: argparse.Namespace, tokens: Tokens, workdir: 
                  say: Callable[[str], None]) -> dict[str, list[dict]]:
     targets = []
     if o.baseline and scenario != "stall":
-        targets += list(BASELINES)
+        targets += list(getattr(o, "baselines", BASELINES))
     targets.append("orderlog")
     # --client: who subscribes in the fan-out (the other scenarios always use the Python workers).
     clients = CLIENTS[o.client] if scenario == "fanout" else ("python",)

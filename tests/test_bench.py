@@ -166,3 +166,21 @@ def test_the_node_client_without_npm_is_a_clear_error(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "orderlog.cli", "bench", "fanout", "--client", "node"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "needs node and npm" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_bad_baselines_and_scratch_are_clear_errors(tmp_path: Path) -> None:
+    """--baselines names only known baselines; a --scratch folder that cannot be made is one line,
+    exit 2, never a traceback."""
+    for args, expected in ((["--baselines", "trio,nginx"], "expected a comma-separated list of trio and websockets"),
+                           (["--scratch", str(tmp_path / "no" / "such")], "cannot make the scratch folder")):
+        done = subprocess.run([sys.executable, "-m", "orderlog.cli", "bench", "fanout", "--baseline", *args],
+                              cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_only_the_named_baseline_runs(tmp_path: Path) -> None:
+    """--baselines websockets runs that baseline and orderlog, not the trio one."""
+    code, report, err = bench(tmp_path, "fanout", *TINY, "--baseline", "--baselines", "websockets", timeout=300)
+    assert code == 0, err[-3000:]
+    targets = set(report["scenarios"]["fanout"]["targets"])
+    assert targets == {"websockets", "orderlog"}, targets

@@ -74,3 +74,25 @@ def test_survivors_of_a_full_pass_are_frozen_and_closed_connections_hand_them_ba
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def test_survivors_of_a_middle_generation_pass_are_frozen_too():
+    """A burst of new long-lived objects (a thousand connections) never waits for a full pass
+    to leave the collector's reach: the middle generation's passes freeze their survivors."""
+    out = run_child("""
+        import gc
+        from orderlog.service import gcpolicy
+
+        gcpolicy.install()
+        gc.disable()  # no automatic pass in between: only the ones below
+        before = gc.get_freeze_count()
+        live = [[i] for i in range(10_000)]  # young, tracked, alive
+        gc.collect(0)
+        assert gc.get_freeze_count() == before, "a young pass must not freeze"
+        gc.collect(1)
+        assert gc.get_freeze_count() >= before + 10_000, (before, gc.get_freeze_count())
+        assert not gc.get_objects(1) or all(x is not live[0] for x in gc.get_objects(1))
+        gcpolicy.uninstall()
+        print("ok")
+    """)
+    assert out.strip() == "ok"

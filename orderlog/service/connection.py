@@ -273,6 +273,15 @@ class Connection:
         except trio.BrokenResourceError:
             self.wake()  # the send loop notices and ends the connection
 
+    def write_frame(self, frame: bytes) -> None:
+        """Send one event frame built by Hub.publish (see push)."""
+        if self.ws.closed is not None:
+            return
+        try:
+            self.writer.write(frame)
+        except trio.BrokenResourceError:
+            self.wake()
+
     def write_frames(self, frames: list[bytes]) -> None:
         """Send event frames built by Hub.publish (see push)."""
         if self.ws.closed is not None:

@@ -110,26 +110,67 @@ class Hub:
                 if seq <= head:
                     event.set()
             self._waiters = [(seq, event) for seq, event in self._waiters if seq > head]
+        visible = [(event, targets) for event in events if (targets := self._targets(event))]
+        if len(visible) == 1:  # one event anyone here sees (a new order's stock moves go to `inventory`)
+            self._send_one(*visible[0])
+        elif visible:
+            self._send_many(visible)
+
+    def _targets(self, event: FeedEvent) -> list[Subscription]:
+        """The attached subscriptions that may see `event` (in a new list: sending may detach)."""
+        if event.is_order:
+            targets = list(self.staff_orders)
+            if event.customer in self.customer_orders:
+                targets.extend(self.customer_orders[event.customer])
+            if event.stream in self.streams:
+                targets.extend(self.streams[event.stream])
+            return targets
+        return list(self.inventory)
+
+    def _overflow(self, connection: "Connection", seq: int) -> None:
+        """Too much is queued for `connection` now: its own send loop takes over from event `seq`
+        (sent to the subscriptions whose prev is `seq` already, to be sent to the others)."""
+        for other in list(connection.subs.values()):
+            if other.attached:
+                self.detach(other, seq if other.prev == seq else seq - 1)
+        connection.wake()
+
+    def _send_one(self, event: FeedEvent, targets: list[Subscription]) -> None:
+        """One event (the usual commit at moderate rates): each subscriber's frame is written the
+        moment it is reached, the first before the last is even looked at, and the frame bytes
+        are built once for every subscription that gets the same ones (same channel and prev:
+        all staff on `orders`, say)."""
+        seq = event.seq
+        last_channel, last_prev, last_redact, frame = None, -1, False, b""
+        for sub in targets:
+            if not sub.attached:
+                continue  # detached earlier in this publish
+            redact = sub.redact and sub.channel.redacts(event)
+            if sub.prev != last_prev or sub.channel_json != last_channel or redact != last_redact:
+                last_channel, last_prev, last_redact = sub.channel_json, sub.prev, redact
+                frame = event.frame(last_channel, last_prev, redact)
+            sub.prev = seq
+            connection = sub.connection
+            if connection.writer.buffered + len(frame) > HIGH_WATER:
+                self._overflow(connection, seq)
+            connection.write_frame(frame)
+
+    def _send_many(self, visible: list[tuple[FeedEvent, list[Subscription]]]) -> None:
+        """Several events: each connection's frames are gathered and written with one write."""
         out: dict[Connection, list[bytes]] = {}
         sizes: dict[Connection, int] = {}
-        staff, inventory, streams, customers = self.staff_orders, self.inventory, self.streams, self.customer_orders
-        for event in events:
-            if event.is_order:
-                targets = list(staff)
-                if event.customer in customers:
-                    targets.extend(customers[event.customer])
-                if event.stream in streams:
-                    targets.extend(streams[event.stream])
-            elif inventory:
-                targets = list(inventory)
-            else:
-                continue
+        for event, targets in visible:
+            seq = event.seq
+            last_channel, last_prev, last_redact, frame = None, -1, False, b""
             for sub in targets:
                 if not sub.attached:
                     continue  # detached earlier in this publish
+                redact = sub.redact and sub.channel.redacts(event)
+                if sub.prev != last_prev or sub.channel_json != last_channel or redact != last_redact:
+                    last_channel, last_prev, last_redact = sub.channel_json, sub.prev, redact
+                    frame = event.frame(last_channel, last_prev, redact)
+                sub.prev = seq
                 connection = sub.connection
-                frame = event.frame(sub.channel_json, sub.prev, sub.redact and sub.channel.redacts(event))
-                sub.prev = event.seq
                 parts = out.get(connection)
                 if parts is None:
                     parts = out[connection] = []
@@ -137,10 +178,6 @@ class Hub:
                 parts.append(frame)
                 sizes[connection] += len(frame)
                 if sizes[connection] > HIGH_WATER:
-                    # Too much for this socket now: its own send loop takes over from here.
-                    for other in list(connection.subs.values()):
-                        if other.attached:
-                            self.detach(other, event.seq if other.prev == event.seq else event.seq - 1)
-                    connection.wake()
+                    self._overflow(connection, seq)
         for connection, parts in out.items():
             connection.write_frames(parts)
