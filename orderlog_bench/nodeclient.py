@@ -68,9 +68,10 @@ def ensure_installed(cache_dir: Path, say: Callable[[str], None]) -> Path:
 class NodeSubscribers:
     """One Node.js process holding the subscriptions `subs` [(token, user, role, channel, prefix)]."""
 
-    def __init__(self, modules: Path, url: str, subs: list, workdir: Path, setup_timeout: float):
+    def __init__(self, modules: Path, urls: list[str], subs: list, workdir: Path, setup_timeout: float):
+        """Subscriber i connects to urls[i % len(urls)] (several nodes of one log)."""
         self.config = workdir / f"node-subscribers-{time.time_ns()}.json"
-        self.config.write_text(json.dumps({"url": url, "subs": subs, "setup_timeout": setup_timeout}))
+        self.config.write_text(json.dumps({"url": urls[0], "urls": urls, "subs": subs, "setup_timeout": setup_timeout}))
         self.stderr = open(workdir / f"node-subscribers-{time.time_ns()}.log", "wb")
         env = {**os.environ, "NODE_PATH": str(modules)}
         self.proc = subprocess.Popen(["node", str(SCRIPT), str(self.config)], stdin=subprocess.PIPE,

@@ -121,7 +121,7 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
     if getattr(o, "client_now", "python") == "node":
         from .nodeclient import NodeSubscribers
 
-        node = NodeSubscribers(o.node_modules, target.url, subs, o.workdir, SETUP_TIMEOUT)
+        node = NodeSubscribers(o.node_modules, target.urls, subs, o.workdir, SETUP_TIMEOUT)
     with Pool() as pool, (node or contextlib.nullcontext()):
         if node is None:
             # With several nodes (--url A,B,C) each client process subscribes through one of them.

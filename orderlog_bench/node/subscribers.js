@@ -2,7 +2,7 @@
 // orderlog bench --client node: N subscribers in one Node.js process, using the `ws` package.
 //
 // Run by orderlog_bench.nodeclient: `node subscribers.js CONFIG.json`, with NODE_PATH pointing at
-// the node_modules the bench installed. CONFIG: {url, subs: [[token, user, role, channel,
+// the node_modules the bench installed. CONFIG: {url, urls (optional: several nodes, subscriber i on urls[i % n]), subs: [[token, user, role, channel,
 // own_prefix|null]...], setup_timeout}. Talks to the bench by JSON lines: it prints
 // {"kind":"ready",...} once every subscription is confirmed, reads {"kind":"go","window":[lo,hi]}
 // and {"kind":"stop","expected":{user:n,"*":n},"drain":s} on stdin, then prints {"kind":"result",...}
@@ -96,9 +96,12 @@ function ready() {
 }
 const setupTimer = setTimeout(ready, (config.setup_timeout || 120) * 1000);
 
-for (const [token, user, role, channel, prefix] of config.subs) {
-  const sep = config.url.includes('?') ? '&' : '?';
-  const ws = new WebSocket(config.url + sep + 'token=' + encodeURIComponent(token), { perMessageDeflate: false });
+// Several nodes of one log (config.urls): subscriber i connects to urls[i % urls.length].
+const urls = config.urls || [config.url];
+config.subs.forEach(([token, user, role, channel, prefix], i) => {
+  const url = urls[i % urls.length];
+  const sep = url.includes('?') ? '&' : '?';
+  const ws = new WebSocket(url + sep + 'token=' + encodeURIComponent(token), { perMessageDeflate: false });
   const conn = { ws, user, role, prefix, chains: new Map(), closed: false };
   conns.push(conn);
   wanted += 1;
@@ -106,7 +109,7 @@ for (const [token, user, role, channel, prefix] of config.subs) {
   ws.on('message', (data) => onMessage(conn, data));
   ws.on('error', (e) => { error(`${user}: ${e.message}`); if (!readySent) ready(); });
   ws.on('close', (code) => { conn.closed = true; if (!stopping) error(`${user}: closed ${code}`); });
-}
+});
 
 let stopping = false;
 function finish(expected) {
