@@ -117,13 +117,15 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
     subs = [(tokens(f"fs-{i}", "staff"), f"fs-{i}", "staff", "orders", None) for i in range(staff)]
     subs += [(tokens(user, "customer"), user, "customer", "orders", f"order:{user}.") for user in customers]
     tag = f"f{time.time_ns() % 10**10}"
-    node = None
-    if getattr(o, "client_now", "python") == "node":
-        from .nodeclient import NodeSubscribers
+    with Pool() as pool, contextlib.ExitStack() as stack:
+        nodes: list = []
+        if getattr(o, "client_now", "python") == "node":
+            from .nodeclient import NodeSubscribers
 
-        node = NodeSubscribers(o.node_modules, target.urls, subs, o.workdir, SETUP_TIMEOUT)
-    with Pool() as pool, (node or contextlib.nullcontext()):
-        if node is None:
+            # One Node.js process per server node (one, unless --url names several nodes of one log).
+            nodes = [stack.enter_context(NodeSubscribers(o.node_modules, [url], chunk, o.workdir, SETUP_TIMEOUT))
+                     for url, chunk in zip(target.urls, split(subs, len(target.urls)))]
+        if not nodes:
             # With several nodes (--url A,B,C) each client process subscribes through one of them.
             subscriber_ids = [pool.start(subscriber_role, {"url": target.urls[i % len(target.urls)], "subs": chunk,
                                                            "latency": True})
@@ -131,10 +133,11 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
             ready = pool.gather("ready", SETUP_TIMEOUT + 30, subscriber_ids)
         else:
             subscriber_ids = []
-            ready = [node.receive("ready", SETUP_TIMEOUT + 30)]
+            ready = [node.receive("ready", SETUP_TIMEOUT + 30) for node in nodes]
         problems = _problems(*(r["errors"] for r in ready))
-        if node is not None and ready[0]["subscribed"] < ready[0]["wanted"]:
-            problems.append(f"the Node.js client subscribed {ready[0]['subscribed']} of {ready[0]['wanted']}")
+        for r in ready if nodes else ():
+            if r["subscribed"] < r["wanted"]:
+                problems.append(f"the Node.js client subscribed {r['subscribed']} of {r['wanted']}")
         driver = pool.start(driver_role, {"url": target.url, "token": tokens("fan-driver", "staff"),
                                           "customers": customers or ["fc-nobody"], "tag": tag, "rate": o.rate,
                                           "window": o.window})
@@ -144,7 +147,7 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
             return {"ok": False, "problems": problems[:10]}
         start = time.time() + 0.3
         window = (start + o.warmup, start + o.warmup + o.duration)
-        if node is not None:
+        for node in nodes:
             node.send({"kind": "go", "window": window})
         pool.send(("go", {"window": window, "start": start, "timeout": o.warmup + o.duration + 600}))
         sleep_until(window[0])
@@ -154,9 +157,10 @@ def scenario_fanout(target: Target, o: argparse.Namespace, tokens: Tokens) -> di
         driven = pool.receive(driver, "result", DRAIN_TIMEOUT + 30)
         expected = dict(driven["per_customer"])
         expected["*"] = driven["expected_total"]
-        if node is not None:
-            node.send({"kind": "stop", "expected": expected, "drain": o.drain})
-            results = [node.receive("result", o.drain + 30)]
+        if nodes:
+            for node in nodes:
+                node.send({"kind": "stop", "expected": expected, "drain": o.drain})
+            results = [node.receive("result", o.drain + 30) for node in nodes]
         else:
             pool.send(("stop", {"expected": expected, "drain": o.drain}), subscriber_ids)
             results = pool.gather("result", o.drain + 30, subscriber_ids)
