@@ -491,3 +491,37 @@ def test_orderlog_js_token_provider_refreshes_and_resumes_with_a_fresh_token(tmp
         page.evaluate("window.client.close()")
     finally:
         server.stop()
+
+
+def test_orderlog_js_rotates_through_several_urls_and_resumes_on_the_next(tmp_path: Path, browser) -> None:
+    """orderlog.js given two URLs: it skips the first while nothing answers there, connects to the
+    second, and once that server is gone moves back to the first, where the same log now runs,
+    resuming without gap or duplicate."""
+    db = tmp_path / "orderlog.db"
+    first, second = ServerProcess(db, free_port()), ServerProcess(db, free_port())
+    second.start()
+    try:
+        send_commands(second.url, "s1", "staff", [("add_stock", None, {"sku": "kibble", "quantity": 10})])
+        page = browser.new_page(bypass_csp=True)  # the page stays while its own server goes away
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.goto(f"http://127.0.0.1:{second.port}/")
+        page.evaluate("""async ([urls, token]) => {
+            const { OrderlogClient } = await import("/orderlog.js");
+            window.events = [];
+            window.client = new OrderlogClient(urls, token, { backoffStart: 50, backoffCap: 200 });
+            window.client.subscribe("orders", { since: 0, onEvent: (e) => window.events.push([e.seq, e.prev, e.stream]) });
+            window.client.start();
+        }""", [[first.url, second.url], token("s2", "staff")])
+        send_commands(second.url, "c1", "customer", [("place_order", "o-1", order("kibble", 1))])
+        page.wait_for_function("window.events.length === 1")
+        assert page.evaluate("window.client.url") == second.url
+        second.stop()
+        place_directly(db, "c2", "o-2")
+        first.start()
+        page.wait_for_function("window.events.length === 2")
+        (seq1, _, stream1), (seq2, prev2, stream2) = page.evaluate("window.events")
+        assert (stream1, stream2) == ("order:o-1", "order:o-2") and prev2 == seq1 < seq2
+        assert page.evaluate("window.client.url") == first.url
+    finally:
+        first.stop()
+        second.stop()

@@ -232,3 +232,33 @@ def test_the_asyncio_client_loads_no_trio() -> None:
     done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_several_urls_are_rotated_through_and_the_feed_resumes_on_the_next_one(tmp_path: Path) -> None:
+    """Given two URLs, the client skips the first while nothing answers there, connects to the
+    second, and after that server is killed moves back to the first, where the same log now
+    runs: it resumes there without gap or duplicate."""
+    db, first, second = tmp_path / "orderlog.db", free_port(), free_port()
+    urls = [f"ws://127.0.0.1:{port}/v1/ws" for port in (first, second)]
+    notes: list[str] = []
+
+    async def main() -> None:
+        server = await started(db, second)
+        try:
+            await stock(urls[1])
+            async with connect(urls, token("s1", "staff"), on_status=notes.append, **FAST) as client:
+                assert client.url == urls[1] and any(n.startswith("cannot connect") for n in notes)
+                events = aiter(client.subscribe("orders", since=0))
+                await client.command("place_order", order_id="o-1", data=ORDER)
+                [before] = await next_events(events, 1)
+                server.kill()
+                place_directly(db, "carol", "o-2")
+                server = await started(db, first)
+                [after] = await next_events(events, 1)
+                assert client.url == urls[0] and f"connected to {urls[0]}" in " ".join(notes)
+                assert after["stream"] == "order:o-2" and after["prev"] == before["seq"]
+                assert any(n.endswith(f"s to {urls[0]}") for n in notes if n.startswith("reconnecting in"))
+        finally:
+            server.stop()
+
+    asyncio.run(main())

@@ -196,6 +196,9 @@ def token_command(command: str):
     return provider
 
 
+DEFAULT_TAIL_URL = "ws://127.0.0.1:8765/v1/ws"
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     import trio
 
@@ -219,7 +222,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         print(f"orderlog tail: {line}", file=sys.stderr, flush=True)
 
     try:
-        return trio.run(partial(tail, args.url, token, args.channel, args.since, emit, note, args.count,
+        return trio.run(partial(tail, args.url or [DEFAULT_TAIL_URL], token, args.channel, args.since, emit, note, args.count,
                                 args.snapshot))
     except BrokenPipeError:
         return 0
@@ -322,7 +325,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         "reconnects with exponential backoff and jitter (waits of 0.5-1 s, 1-2 s, 2-4 s ... up to 15-30 s, "
         "starting over after a connection that stayed up 10 s) and resumes after the last seq it printed.",
     )
-    tail.add_argument("--url", default="ws://127.0.0.1:8765/v1/ws", help="server URL (default %(default)s)")
+    tail.add_argument("--url", action="append", metavar="URL",
+                      help=f"server URL (default {DEFAULT_TAIL_URL}); repeat it for several nodes of one log: "
+                      "after a failed connect or a lost connection, tail moves to the next one and resumes there")
     tail.add_argument("--token", help="JWT (env ORDERLOG_TOKEN)")
     tail.add_argument("--token-command", metavar="CMD",
                       help="a shell command that prints a fresh JWT; run before every connect and before the "

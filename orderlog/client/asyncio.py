@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from websockets.asyncio.client import connect as open_websocket
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -31,7 +31,7 @@ from ..session import (
     BACKOFF_CAP, BACKOFF_START, AuthenticationFailed, Deliver, OrderlogError, Output, Reply, ResyncRequired,
     ServerError, Session, Status, SubscriptionEnded, TokenUnavailable, error_from,
 )
-from .common import Requests, TokenSource, fresh_token, why
+from .common import Requests, TokenSource, Urls, fresh_token, why
 
 log = logging.getLogger("orderlog.client")
 
@@ -59,9 +59,9 @@ class _Stream:
 class Client(Requests):
     """A client that survives disconnects: `connect()` runs it; `run()` keeps it connected."""
 
-    def __init__(self, url: str, token: TokenSource, *, backoff_start: float = BACKOFF_START,
+    def __init__(self, url: str | Sequence[str], token: TokenSource, *, backoff_start: float = BACKOFF_START,
                  backoff_cap: float = BACKOFF_CAP, on_status: Callable[[str], None] | None = None):
-        self.url = url
+        self.urls = Urls(url)  # several nodes of one log: rotated through on every reconnect
         self._token = token
         self.on_status = on_status or (lambda text: log.info("%s", text))
         self.session = Session(backoff_start=backoff_start, backoff_cap=backoff_cap, refreshable=callable(token))
@@ -69,6 +69,11 @@ class Client(Requests):
         self._send_lock = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future] = {}
         self._streams: dict[str, _Stream] = {}
+
+    @property
+    def url(self) -> str:
+        """The server URL the client is connected to (or tries next)."""
+        return self.urls.current
 
     @property
     def welcome(self) -> dict | None:
@@ -166,8 +171,10 @@ class Client(Requests):
                 await self._handle(self.session.connection_lost(time.time(), code, reason))
             if self.session.fatal is not None:
                 raise self.session.fatal from None
+            self.urls.next()
             delay = self.session.reconnect_delay(time.time())
-            self.on_status(f"reconnecting in {delay:.1f} s")
+            where = f" to {self.url}" if len(self.urls.all) > 1 else ""
+            self.on_status(f"reconnecting in {delay:.1f} s{where}")
             await asyncio.sleep(delay)
 
     async def _read(self, ws) -> None:
@@ -224,16 +231,18 @@ class Client(Requests):
 
 
 @asynccontextmanager
-async def connect(url: str, token: TokenSource, **options: Any) -> AsyncIterator[Client]:
+async def connect(url: str | Sequence[str], token: TokenSource, **options: Any) -> AsyncIterator[Client]:
     """A connected Client for the duration of the block (it reconnects on its own, in a task).
 
-    `token` is a JWT, or a provider: a function (sync or async) that returns one, called before
-    every connect and before the token expires (sent in band). A refused token raises
-    AuthenticationFailed; a provider that fails before the first connect, TokenUnavailable.
+    `url` is the server's URL, or a list of the URLs of several nodes of one log: the client
+    moves to the next one after every failed connect or lost connection. `token` is a JWT, or a
+    provider: a function (sync or async) that returns one, called before every connect and
+    before the token expires (sent in band). A refused token raises AuthenticationFailed; a
+    provider that fails before the first connect, TokenUnavailable.
     """
     client = Client(url, token, **options)
     started: asyncio.Future = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(client.run(started), name=f"orderlog client {url}")
+    task = asyncio.create_task(client.run(started), name=f"orderlog client {client.url}")
     failed = False
     try:
         await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)

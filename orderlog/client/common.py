@@ -1,18 +1,39 @@
-"""What the trio and asyncio shells share and that needs no event loop: the token's types, a
-command's frame, the reason of a failed connect, and `orderlog tail`'s printing."""
+"""What the trio and asyncio shells share and that needs no event loop: the token's types, the
+server URLs a client rotates through, a command's frame, the reason of a failed connect, and
+`orderlog tail`'s printing."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, Union
 
 from ..session import TokenUnavailable
 
 # A JWT, or a provider: a function, sync or async, that returns a fresh one (called before every
 # connect, and before the token expires: the shell sends the new one in band).
 TokenSource = Union[str, Callable[[], str], Callable[[], Awaitable[str]]]
+
+
+class Urls:
+    """The server URLs of one log (several nodes behind no load balancer, or a fallback): a client
+    stays on the current one while it works and moves to the next after every failed connect or
+    lost connection, in a circle; a single URL is simply retried."""
+
+    def __init__(self, url: str | Sequence[str]) -> None:
+        self.all = [url] if isinstance(url, str) else list(url)
+        if not self.all or not all(isinstance(u, str) and u for u in self.all):
+            raise ValueError("a client needs at least one server URL")
+        self._index = 0
+
+    @property
+    def current(self) -> str:
+        return self.all[self._index]
+
+    def next(self) -> None:
+        """The connection to the current URL failed or ended: the next reconnect tries the next one."""
+        self._index = (self._index + 1) % len(self.all)
 
 
 class Requests:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
@@ -25,7 +25,7 @@ from ..session import (
     BACKOFF_CAP, BACKOFF_START, AuthenticationFailed, Deliver, OrderlogError, Output, Reply, ResyncRequired,
     ServerError, Session, Status, SubscriptionEnded, TokenUnavailable, error_from,
 )
-from .common import Requests, TokenSource, fresh_token, single, tail_lines, why
+from .common import Requests, TokenSource, Urls, fresh_token, single, tail_lines, why
 
 log = logging.getLogger("orderlog.client")
 
@@ -44,9 +44,9 @@ class _Stream:
 class Client(Requests):
     """A client that survives disconnects: `connect()` runs it; `run()` keeps it connected."""
 
-    def __init__(self, url: str, token: TokenSource, *, backoff_start: float = BACKOFF_START,
+    def __init__(self, url: str | Sequence[str], token: TokenSource, *, backoff_start: float = BACKOFF_START,
                  backoff_cap: float = BACKOFF_CAP, on_status: Callable[[str], None] | None = None):
-        self.url = url
+        self.urls = Urls(url)  # several nodes of one log: rotated through on every reconnect
         self._token = token
         self.on_status = on_status or (lambda text: log.info("%s", text))
         self.session = Session(backoff_start=backoff_start, backoff_cap=backoff_cap, refreshable=callable(token))
@@ -55,6 +55,11 @@ class Client(Requests):
         self._waiting: dict[str, trio.Event] = {}
         self._replies: dict[str, dict] = {}
         self._streams: dict[str, _Stream] = {}
+
+    @property
+    def url(self) -> str:
+        """The server URL the client is connected to (or tries next)."""
+        return self.urls.current
 
     @property
     def welcome(self) -> dict | None:
@@ -160,8 +165,10 @@ class Client(Requests):
                 await self._handle(self.session.connection_lost(time.time(), code, reason))
             if self.session.fatal is not None:
                 raise self.session.fatal from None
+            self.urls.next()
             delay = self.session.reconnect_delay(time.time())
-            self.on_status(f"reconnecting in {delay:.1f} s")
+            where = f" to {self.url}" if len(self.urls.all) > 1 else ""
+            self.on_status(f"reconnecting in {delay:.1f} s{where}")
             await trio.sleep(delay)
 
     async def _read(self, ws) -> None:
@@ -224,11 +231,12 @@ class Client(Requests):
 
 
 @asynccontextmanager
-async def connect(url: str, token: TokenSource, **options: Any) -> AsyncIterator[Client]:
+async def connect(url: str | Sequence[str], token: TokenSource, **options: Any) -> AsyncIterator[Client]:
     """A connected Client for the duration of the block (it reconnects on its own).
 
-    `token` is a JWT, or a provider: a function (sync or async) that returns one, called before
-    every connect and before the token expires (sent in band). A refused token raises
+    `url` is the server's URL, or a list of the URLs of several nodes of one log: the client
+    moves to the next one after every failed connect or lost connection. `token` is a JWT, or a
+    provider: a function (sync or async) that returns one, called before every connect and before the token expires (sent in band). A refused token raises
     AuthenticationFailed itself, not inside an exception group.
     """
     try:
@@ -243,8 +251,9 @@ async def connect(url: str, token: TokenSource, **options: Any) -> AsyncIterator
         raise single(group)
 
 
-async def tail(url: str, token: TokenSource, channel: str, since: int | None, emit: Callable[[str], None],
-               note: Callable[[str], None], count: int | None = None, snapshot: bool = False) -> int:
+async def tail(url: str | Sequence[str], token: TokenSource, channel: str, since: int | None,
+               emit: Callable[[str], None], note: Callable[[str], None], count: int | None = None,
+               snapshot: bool = False) -> int:
     """`orderlog tail`: print the channel's events as JSON lines; 0 when done, 1 on a refusal.
 
     With `snapshot`, the rows as of a seq come first, one `{"order": ROW}` or `{"stock": ROW}`

@@ -105,7 +105,9 @@ class Subscription {
 
 export class OrderlogClient extends EventTarget {
   /**
-   * @param {string} url      ws:// or wss:// URL of the /v1/ws endpoint
+   * @param {string|string[]} url  ws:// or wss:// URL of the /v1/ws endpoint, or the URLs of
+   *                          several nodes of one log: after a failed connect or a lost
+   *                          connection the client moves to the next one, in a circle
    * @param {string|function} token  a JWT, sent in a first `auth` message (browsers cannot set
    *                          headers), or a provider: a function (sync or async) returning one
    * @param {object} options  onStatus(status), backoffStart, backoffCap, stableAfter (ms),
@@ -114,7 +116,11 @@ export class OrderlogClient extends EventTarget {
    */
   constructor(url, token, options = {}) {
     super();
-    this.url = url;
+    this.urls = Array.isArray(url) ? [...url] : [url];
+    if (!this.urls.length || !this.urls.every((u) => typeof u === "string" && u)) {
+      throw new TypeError("OrderlogClient needs a server URL (or a non-empty list of them)");
+    }
+    this._urlIndex = 0;
     this.token = token;
     this.onStatus = options.onStatus || null;
     this.backoffStart = options.backoffStart ?? BACKOFF_START_MS;
@@ -336,7 +342,13 @@ export class OrderlogClient extends EventTarget {
     };
   }
 
+  /** The server URL the client is connected to (or tries next). */
+  get url() {
+    return this.urls[this._urlIndex];
+  }
+
   _scheduleReconnect(code, reason, opened = false) {
+    this._urlIndex = (this._urlIndex + 1) % this.urls.length; // the next node, when there are several
     const base = Math.min(this.backoffCap, this.backoffStart * 2 ** this._attempt);
     const delay = base / 2 + Math.random() * (base / 2); // jitter: between half and all of it
     this._attempt = Math.min(this._attempt + 1, 30);
