@@ -194,7 +194,9 @@ def test_tail_token_command_gets_a_fresh_token_after_a_restart_past_expiry(tmp_p
         time.sleep(4.5)  # the token tail holds has expired
         server = serve(db, port)
         asyncio.run(stock(url, 5))
-        out, err = tail.communicate(timeout=TIMEOUT)
+        # tail's waits while the server was down (0.5-1, 1-2, 2-4 s) may have put it into a 4-8 s
+        # wait that ends only after the restart: allow that wait plus one network wait
+        out, err = tail.communicate(timeout=8 + TIMEOUT)
         second = json.loads(out)
         assert second["seq"] == 2 and second["prev"] == 1, err
         assert tail.returncode == 0, err
