@@ -1,18 +1,22 @@
-"""The SQLite event log: properties of group commit, projections, idempotency and the hash chain,
-plus examples of acks, expected_version, append-only triggers, migrations and foreign files.
+"""The event log on both backends: properties of group commit, projections, idempotency and the
+hash chain, plus examples of acks and expected_version; and, on SQLite, append-only triggers,
+migrations and foreign files (their PostgreSQL twins are in tests/test_postgres.py).
 
-Every test uses a real SQLite file in a fresh temporary folder (no mocks).
+Every test of the store's promises runs twice, `[sqlite]` on a real SQLite file in a fresh
+temporary folder and `[postgresql]` in a fresh schema of the real PostgreSQL test database
+(tests/postgres_db.py); no mocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import sqlite3
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 import pytest
@@ -24,6 +28,8 @@ from orderlog.domain import Command, Event, Principal, Rejected, State
 from orderlog.canonical import event_hash
 from orderlog.records import Ack, Request
 from orderlog.store import Store, StoreError, migrations
+from orderlog.store import open_store as open_log
+from postgres_db import ADMIN_URL, fresh_schema, require_postgres
 
 from strategies import (
     AUDITOR,
@@ -35,28 +41,110 @@ from strategies import (
 )
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# On PostgreSQL every example gets a schema of its own with every migration applied: fewer examples.
+EXAMPLES = {"sqlite": 60, "postgresql": 25}
 
 C1 = Principal("c-1", "customer")
 C2 = Principal("c-2", "customer")
 AT = "2026-11-25T17:03:00.123Z"
 
 
-# -- helpers ----------------------------------------------------------------------------------
+# -- the two backends -------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def fresh_store() -> Iterator[Store]:
-    """A new store in its own temporary folder (hypothesis examples can't share tmp_path)."""
-    with tempfile.TemporaryDirectory() as folder:
-        store = Store.open(os.path.join(folder, "orders.db"), create=True, synchronous="OFF")
+def fresh_location(backend: str) -> Iterator[str]:
+    """Where a new log may be created: a file in a new temporary folder, or a URL whose
+    search_path is a new schema of the PostgreSQL test database (dropped afterwards)."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as folder:
+            yield os.path.join(folder, "orders.db")
+    else:
+        with fresh_schema(ADMIN_URL) as url:
+            yield url
+
+
+@contextlib.contextmanager
+def fresh_store(backend: str) -> Iterator[Any]:
+    """A new store at a fresh location (hypothesis examples can't share a fixture's)."""
+    with fresh_location(backend) as where:
+        store = open_log(where, create=True, synchronous="OFF")
         try:
             yield store
         finally:
             store.close()
 
 
-def open_store(tmp_path, name: str = "orders.db") -> Store:
-    return Store.open(str(tmp_path / name), create=True)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql":
+        require_postgres()
+    return request.param
+
+
+@pytest.fixture
+def where(backend: str) -> Iterator[str]:
+    """This test's own location on its backend."""
+    with fresh_location(backend) as location:
+        yield location
+
+
+@pytest.fixture
+def store(where: str) -> Iterator[Any]:
+    """A new log at this test's location, closed afterwards."""
+    opened = open_log(where, create=True)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def on_both_backends(*strategies: Any, examples: dict[str, int] = EXAMPLES) -> Callable:
+    """Turn `body(backend, *drawn)` into a property test run on each backend, with that
+    backend's number of examples (the strategies are drawn as one tuple)."""
+    def decorate(body: Callable) -> Callable:
+        @functools.wraps(body)
+        def test(backend: str) -> None:
+            @settings(PROPERTY, max_examples=examples[backend], database=None)
+            @given(st.tuples(*strategies))
+            def run(drawn: tuple) -> None:
+                body(backend, *drawn)
+            run()
+        del test.__wrapped__  # pytest reads the signature of `test`, not of `body`
+        return test
+    return decorate
+
+
+def query(store: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    """Rows of one read in the store's database (`?` placeholders on both backends)."""
+    if isinstance(store, Store):
+        return [tuple(row) for row in store.conn.execute(sql, params).fetchall()]
+    import psycopg
+
+    with psycopg.connect(store.url) as conn:
+        return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), params).fetchall()]
+
+
+def write_behind(store: Any, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    """Run statements (each with its rows of parameters) in one transaction on a connection of
+    its own, behind the store's back: what an operator's hand or a lost write might do."""
+    if isinstance(store, Store):
+        conn = sqlite3.connect(store.path)
+        try:
+            with conn:
+                for sql, rows in statements:
+                    conn.executemany(sql, rows)
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(store.url) as conn, conn.cursor() as cursor:
+        for sql, rows in statements:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+
+
+# -- helpers ----------------------------------------------------------------------------------
 
 
 def req(principal: Principal, name: str, command_id: str, order_id: str | None = None,
@@ -90,25 +178,34 @@ def all_events(store: Store) -> list[Event]:
     return store.read_events(limit=None)
 
 
-def dump(store: Store) -> list[str]:
-    """Every table's schema and rows, as SQL text."""
-    return list(store.conn.iterdump())
+def dump(store: Any) -> list[Any]:
+    """Every table's schema and rows: as SQL text on SQLite; on PostgreSQL every table of the
+    log's schema (meta, log_head and schema_migrations too) with its rows, in a fixed order."""
+    if isinstance(store, Store):
+        return list(store.conn.iterdump())
+    tables = [name for name, in query(store, "SELECT table_name FROM information_schema.tables "
+                                             "WHERE table_schema = current_schema() ORDER BY table_name")]
+    assert {"events", "commands", "orders", "stock", "meta", "log_head"} <= set(tables), tables
+    return [(table, sorted(query(store, f"SELECT * FROM {table}"), key=repr)) for table in tables]
 
 
-def log_tables(store: Store) -> dict[str, list[tuple]]:
+def log_tables(store: Any) -> dict[str, list[tuple]]:
     """The log, the idempotency record and the projections (not the random log_id)."""
-    conn = store.conn
     return {
-        "events": conn.execute("SELECT * FROM events ORDER BY seq").fetchall(),
-        "commands": conn.execute("SELECT * FROM commands ORDER BY actor, command_id").fetchall(),
-        "orders": conn.execute("SELECT * FROM orders ORDER BY order_id").fetchall(),
-        "stock": conn.execute("SELECT * FROM stock ORDER BY sku").fetchall(),
-        "projection_seq": conn.execute("SELECT value FROM meta WHERE key = 'projection_seq'").fetchall(),
+        "events": query(store, "SELECT * FROM events ORDER BY seq"),
+        "commands": query(store, "SELECT * FROM commands ORDER BY actor, command_id"),
+        "orders": query(store, "SELECT * FROM orders ORDER BY order_id"),
+        "stock": query(store, "SELECT * FROM stock ORDER BY sku"),
+        "projection_seq": query(store, "SELECT value FROM meta WHERE key = 'projection_seq'"),
     }
 
 
-def file_bytes(store: Store) -> tuple[bytes, bytes]:
-    """The raw bytes of the database file and its WAL."""
+def file_bytes(store: Any) -> tuple[bytes, bytes]:
+    """The raw bytes of the SQLite database file and its WAL (PostgreSQL's files are not ours
+    to read: there `dump` compares every table)."""
+    if not isinstance(store, Store):
+        return b"", b""
+
     def read(path: str) -> bytes:
         try:
             with open(path, "rb") as f:
@@ -164,7 +261,7 @@ class Model:
         return ack
 
 
-def check_log_invariants(store: Store) -> None:
+def check_log_invariants(store: Any) -> None:
     """Projections == rebuild == fold, seq and versions without gaps, and an intact hash chain."""
     events = all_events(store)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
@@ -190,7 +287,7 @@ def check_log_invariants(store: Store) -> None:
         assert stock.version == len(versions[f"sku:{sku}"])
         assert stock.available >= 0 and stock.reserved >= 0
     # The derived columns used by the per-order and per-customer feeds.
-    for seq, order_id, owner in store.conn.execute("SELECT seq, order_id, owner FROM events ORDER BY seq"):
+    for seq, order_id, owner in query(store, "SELECT seq, order_id, owner FROM events ORDER BY seq"):
         event = events[seq - 1]
         assert order_id == domain.order_of_event(event.stream, event.data)
         assert owner == (stored.orders[order_id].customer if order_id else None)
@@ -199,11 +296,10 @@ def check_log_invariants(store: Store) -> None:
 # -- properties -------------------------------------------------------------------------------
 
 
-@PROPERTY
-@given(batched_sequences())
-def test_projections_equal_rebuild_and_log_is_gapless_and_chained(batches):
+@on_both_backends(batched_sequences())
+def test_projections_equal_rebuild_and_log_is_gapless_and_chained(backend, batches):
     """For random traffic in random batches the projections equal a rebuild and the fold of the log, seqs and versions have no gaps and the hash chain recomputes."""
-    with fresh_store() as store:
+    with fresh_store(backend) as store:
         for batch in batches:
             outcomes = store.execute_batch(batch).outcomes
             assert len(outcomes) == len(batch)
@@ -213,12 +309,11 @@ def test_projections_equal_rebuild_and_log_is_gapless_and_chained(batches):
         assert store.stored_projections() == before
 
 
-@PROPERTY
-@given(batched_sequences())
-def test_store_matches_reference_model_of_decide_and_evolve(batches):
+@on_both_backends(batched_sequences())
+def test_store_matches_reference_model_of_decide_and_evolve(backend, batches):
     """The store's outcomes and events are exactly those of domain.decide/evolve plus seq, version, at, actor and hash bookkeeping."""
     model = Model()
-    with fresh_store() as store:
+    with fresh_store(backend) as store:
         for batch in batches:
             got = [outcome_key(o) for o in store.execute_batch(batch).outcomes]
             want = [outcome_key(model.execute(r)) for r in batch]
@@ -248,25 +343,19 @@ def test_two_writers_taking_turns_match_one_writer(batches, turns):
                 store.close()
 
 
-def test_an_order_update_is_never_dropped(tmp_path):
+def test_an_order_update_is_never_dropped(store):
     """Orders already stored are updated in place without their items; if the row is gone
     (a projection deleted by hand under a running writer) the whole row is written again."""
-    store = open_store(tmp_path)
-    try:
-        for request in (add_stock("sku-a", 5), place(C1, "o-1", [("sku-a", 2)]),
-                        req(STAFF, "approve_order", "approve-o-1", "o-1")):
-            assert isinstance(one(store, request), Ack)
-        assert store.get_order("o-1").status == "approved"
-        other = sqlite3.connect(str(tmp_path / "orders.db"))
-        other.execute("DELETE FROM orders WHERE order_id = 'o-1'")
-        other.commit()
-        other.close()
-        assert isinstance(one(store, req(STAFF, "ship_order", "ship-o-1", "o-1")), Ack)
-        order = store.get_order("o-1")
-        assert (order.status, order.items, order.version) == ("shipped", (("sku-a", 2),), 3)
-        check_log_invariants(store)
-    finally:
-        store.close()
+    for request in (add_stock("sku-a", 5), place(C1, "o-1", [("sku-a", 2)]),
+                    req(STAFF, "approve_order", "approve-o-1", "o-1")):
+        assert isinstance(one(store, request), Ack)
+    assert store.get_order("o-1").status == "approved"
+    write_behind(store, [("DELETE FROM orders WHERE order_id = ?", [("o-1",)])])
+    assert isinstance(one(store, req(STAFF, "ship_order", "ship-o-1", "o-1")), Ack)
+    order = store.get_order("o-1")
+    assert order is not None, "the update of an order whose row was gone was dropped"
+    assert (order.status, order.items, order.version) == ("shipped", (("sku-a", 2),), 3)
+    check_log_invariants(store)
 
 
 def test_a_schema_1_log_is_migrated_in_place(tmp_path):
@@ -300,11 +389,10 @@ def test_a_schema_1_log_is_migrated_in_place(tmp_path):
         store.close()
 
 
-@PROPERTY
-@given(request_sequences())
-def test_rejected_command_changes_nothing(sequence):
-    """Any rejected command, executed alone, leaves every table and the database files byte-for-byte unchanged."""
-    with fresh_store() as store:
+@on_both_backends(request_sequences())
+def test_rejected_command_changes_nothing(backend, sequence):
+    """Any rejected command, executed alone, leaves every table (and on SQLite the database files byte for byte) unchanged."""
+    with fresh_store(backend) as store:
         for request in sequence:
             before_dump, before_bytes = dump(store), file_bytes(store)
             outcome = one(store, request)
@@ -314,11 +402,10 @@ def test_rejected_command_changes_nothing(sequence):
         check_log_invariants(store)
 
 
-@PROPERTY
-@given(request_sequences())
-def test_one_batch_equals_one_by_one(sequence):
+@on_both_backends(request_sequences())
+def test_one_batch_equals_one_by_one(backend, sequence):
     """A batch mixing good and bad commands gives the same outcomes, log, idempotency record and projections as the same commands one per execute_batch call."""
-    with fresh_store() as batched, fresh_store() as single:
+    with fresh_store(backend) as batched, fresh_store(backend) as single:
         together = [outcome_key(o) for o in batched.execute_batch(sequence).outcomes]
         alone = [outcome_key(one(single, r)) for r in sequence]
         assert together == alone
@@ -326,13 +413,11 @@ def test_one_batch_equals_one_by_one(sequence):
         assert all_events(batched) == all_events(single)
 
 
-@PROPERTY
-@given(st.data(), request_sequences())
-def test_repeated_command_ids_return_the_original_ack(data, sequence):
+@on_both_backends(st.data(), request_sequences())
+def test_repeated_command_ids_return_the_original_ack(backend, data, sequence):
     """Repeating an accepted command id of a user, with any content, returns the original ack marked duplicate and appends nothing, also after a reopen."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "orders.db")
-        store = Store.open(path, create=True, synchronous="OFF")
+    with fresh_location(backend) as path:
+        store = open_log(path, create=True, synchronous="OFF")
         first: dict[tuple[str, str], Ack] = {}
         try:
             for batch in data.draw(batch_splits(sequence)):
@@ -349,7 +434,7 @@ def test_repeated_command_ids_return_the_original_ack(data, sequence):
             for reopen in (False, True):
                 if reopen:
                     store.close()
-                    store = Store.open(path, synchronous="OFF")
+                    store = open_log(path, synchronous="OFF")
                 before = log_tables(store)
                 replays = []
                 for (user, command_id), ack in first.items():
@@ -390,28 +475,25 @@ def test_two_writers_on_one_file_keep_the_log_consistent(data, sequence):
                 writer.close()
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.data(), request_sequences())
-def test_projections_behind_the_log_are_caught_up_on_open(data, sequence):
+@on_both_backends(st.data(), request_sequences(), examples={"sqlite": 25, "postgresql": 15})
+def test_projections_behind_the_log_are_caught_up_on_open(backend, data, sequence):
     """Projections left at an older meta.projection_seq (or emptied) are brought up to the log on the next open."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "orders.db")
-        store = Store.open(path, create=True, synchronous="OFF")
+    with fresh_location(backend) as path:
+        store = open_log(path, create=True, synchronous="OFF")
         cut = data.draw(st.integers(0, len(sequence)))
         store.execute_batch(sequence[:cut])
         saved = log_tables(store)
         store.execute_batch(sequence[cut:])
         # Put the projections back to what they were at the cut, as if a crash had lost their updates.
-        conn = store.conn
-        conn.execute("BEGIN")
-        conn.execute("DELETE FROM orders")
-        conn.execute("DELETE FROM stock")
-        conn.executemany("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?)", saved["orders"])
-        conn.executemany("INSERT INTO stock VALUES (?,?,?,?,?,?)", saved["stock"])
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'projection_seq'", saved["projection_seq"][0])
-        conn.execute("COMMIT")
+        write_behind(store, [
+            ("DELETE FROM orders", [()]),
+            ("DELETE FROM stock", [()]),
+            ("INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?,?)", saved["orders"]),
+            ("INSERT INTO stock VALUES (?,?,?,?,?,?)", saved["stock"]),
+            ("UPDATE meta SET value = ? WHERE key = 'projection_seq'", saved["projection_seq"]),
+        ])
         store.close()
-        store = Store.open(path, synchronous="OFF")
+        store = open_log(path, synchronous="OFF")
         try:
             check_log_invariants(store)
         finally:
@@ -421,9 +503,8 @@ def test_projections_behind_the_log_are_caught_up_on_open(data, sequence):
 # -- acks and idempotency examples -------------------------------------------------------------
 
 
-def test_ack_versions_and_seqs_name_the_target_stream_and_last_event(tmp_path):
+def test_ack_versions_and_seqs_name_the_target_stream_and_last_event(store):
     """An ack's version is the target stream's version (sku stream for add_stock) and its seq the command's last event."""
-    store = open_store(tmp_path)
     assert one(store, add_stock("sku-a", 10, name="Kibble")) == Ack(1, 1, ("stock-added",))
     assert one(store, add_stock("sku-a", 5)) == Ack(2, 2, ("stock-added",))
     assert one(store, add_stock("sku-b", 5)) == Ack(3, 1, ("stock-added",))
@@ -446,9 +527,8 @@ def test_ack_versions_and_seqs_name_the_target_stream_and_last_event(tmp_path):
     check_log_invariants(store)
 
 
-def test_stored_events_carry_at_actor_and_command_id_of_their_request(tmp_path):
+def test_stored_events_carry_at_actor_and_command_id_of_their_request(store):
     """Each stored event has the request's `at`, the acting user and the command id, and the data decided."""
-    store = open_store(tmp_path)
     one(store, add_stock("sku-a", 3, command_id="k-1"))
     one(store, req(STAFF, "place_order", "k-2", "o-1", {"items": [{"sku": "sku-a", "quantity": 2}], "customer": "c-1"},
                    at="2026-12-01T08:00:00.000Z"))
@@ -463,10 +543,10 @@ def test_stored_events_carry_at_actor_and_command_id_of_their_request(tmp_path):
     assert store.get_order("o-1").customer == "c-1"
 
 
-def test_duplicate_command_returns_original_ack_across_reopen(tmp_path):
+def test_duplicate_command_returns_original_ack_across_reopen(where):
     """A repeated (user, command id) returns the original ack with duplicate=True and appends nothing, even after a close and reopen."""
-    path = str(tmp_path / "orders.db")
-    store = Store.open(path, create=True)
+    path = where
+    store = open_log(path, create=True)
     one(store, add_stock("sku-a", 5))
     first = one(store, place(C1, "o-1", [("sku-a", 2)], command_id="same"))
     assert first == Ack(3, 1, ("order-created", "stock-reserved"), duplicate=False)
@@ -474,7 +554,7 @@ def test_duplicate_command_returns_original_ack_across_reopen(tmp_path):
     assert again == attrs.evolve(first, duplicate=True)
     assert store.head() == 3
     store.close()
-    store = Store.open(path)
+    store = open_log(path)
     before = dump(store)
     assert one(store, req(C1, "cancel_order", "same", "o-1")) == attrs.evolve(first, duplicate=True)
     assert dump(store) == before
@@ -483,17 +563,15 @@ def test_duplicate_command_returns_original_ack_across_reopen(tmp_path):
     store.close()
 
 
-def test_duplicate_inside_one_batch_returns_the_first_ack(tmp_path):
+def test_duplicate_inside_one_batch_returns_the_first_ack(store):
     """The same (user, command id) twice in one batch is applied once; the second outcome is the first ack marked duplicate."""
-    store = open_store(tmp_path)
     outcomes = store.execute_batch([add_stock("sku-a", 5, command_id="k"), add_stock("sku-a", 7, command_id="k")]).outcomes
     assert outcomes == [Ack(1, 1, ("stock-added",)), Ack(1, 1, ("stock-added",), duplicate=True)]
     assert store.get_stock("sku-a").available == 5
 
 
-def test_command_ids_are_per_user(tmp_path):
+def test_command_ids_are_per_user(store):
     """Two users may use the same command id; each command is applied."""
-    store = open_store(tmp_path)
     one(store, add_stock("sku-a", 5))
     assert one(store, place(C1, "o-1", [("sku-a", 1)], command_id="k")).duplicate is False
     assert one(store, place(C2, "o-2", [("sku-a", 1)], command_id="k")) == Ack(
@@ -501,14 +579,13 @@ def test_command_ids_are_per_user(tmp_path):
     assert store.get_order("o-2").customer == "c-2"
 
 
-def test_rejected_command_id_is_not_remembered(tmp_path):
+def test_rejected_command_id_is_not_remembered(store):
     """A rejected command's id is not remembered: a later valid command with that id is applied."""
-    store = open_store(tmp_path)
     one(store, add_stock("sku-a", 1))
     refused = one(store, place(C1, "o-1", [("sku-a", 2)], command_id="k"))
     assert isinstance(refused, Rejected) and refused.code == "insufficient_stock"
     assert refused.details == {"sku": "sku-a", "available": 1}
-    assert store.conn.execute("SELECT count(*) FROM commands WHERE command_id = 'k'").fetchone() == (0,)
+    assert query(store, "SELECT count(*) FROM commands WHERE command_id = 'k'") == [(0,)]
     applied = one(store, place(C1, "o-1", [("sku-a", 1)], command_id="k"))
     assert applied == Ack(3, 1, ("order-created", "stock-reserved"), duplicate=False)
     # and within one batch too
@@ -520,9 +597,8 @@ def test_rejected_command_id_is_not_remembered(tmp_path):
     assert outcomes[1] == Ack(4, 2, ("order-updated",))
 
 
-def test_batch_commands_see_earlier_commands_of_the_same_batch(tmp_path):
+def test_batch_commands_see_earlier_commands_of_the_same_batch(store):
     """Commands in one batch are decided in order, each against the effects of the ones before it."""
-    store = open_store(tmp_path)
     outcomes = store.execute_batch([
         add_stock("sku-a", 3),
         place(C1, "o-1", [("sku-a", 2)]),
@@ -544,9 +620,8 @@ def test_batch_commands_see_earlier_commands_of_the_same_batch(tmp_path):
 # -- expected_version ------------------------------------------------------------------------
 
 
-def test_expected_version_on_a_new_stream_is_zero(tmp_path):
+def test_expected_version_on_a_new_stream_is_zero(store):
     """A new stream has version 0: expected_version 0 succeeds, anything else is a conflict naming 0."""
-    store = open_store(tmp_path)
     refused = one(store, req(STAFF, "add_stock", "k1", data={"sku": "sku-a", "quantity": 2}, expected_version=1))
     assert (refused.code, refused.details) == ("conflict", {"current_version": 0})
     assert one(store, req(STAFF, "add_stock", "k2", data={"sku": "sku-a", "quantity": 2}, expected_version=0)) == Ack(
@@ -558,9 +633,8 @@ def test_expected_version_on_a_new_stream_is_zero(tmp_path):
                           expected_version=0)) == Ack(3, 1, ("order-created", "stock-reserved"))
 
 
-def test_expected_version_mismatch_is_conflict_with_current_version(tmp_path):
+def test_expected_version_mismatch_is_conflict_with_current_version(store):
     """A mismatched expected_version is `conflict` with details {"current_version": N} and writes nothing; a match succeeds."""
-    store = open_store(tmp_path)
     one(store, add_stock("sku-a", 5))
     one(store, place(C1, "o-1", [("sku-a", 1)]))
     one(store, req(C1, "update_order", "u1", "o-1", {"ship_to": "Elm St 1"}))
@@ -582,7 +656,7 @@ def test_expected_version_mismatch_is_conflict_with_current_version(tmp_path):
 
 def test_events_cannot_be_updated_or_deleted(tmp_path):
     """UPDATE and DELETE on the events table raise sqlite3 errors from the append-only triggers."""
-    store = open_store(tmp_path)
+    store = Store.open(str(tmp_path / "orders.db"), create=True)
     one(store, add_stock("sku-a", 5))
     one(store, add_stock("sku-b", 5))
     before = dump(store)
@@ -723,9 +797,8 @@ def test_non_sqlite_and_missing_files_are_refused(tmp_path):
         Store.open(str(tmp_path / "no-such-folder" / "orders.db"), create=True)
 
 
-def test_rejections_from_the_store_carry_the_domain_codes(tmp_path):
+def test_rejections_from_the_store_carry_the_domain_codes(store):
     """The store returns the domain's rejection for each bad command and keeps going with the rest of the batch."""
-    store = open_store(tmp_path)
     outcomes = store.execute_batch([
         req(AUDITOR, "add_stock", "k1", data={"sku": "sku-a", "quantity": 1}),
         req(STAFF, "add_stock", "k2", data={"sku": "sku-a", "quantity": 0}),

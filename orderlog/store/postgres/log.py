@@ -329,13 +329,17 @@ class PgStore:
     def _fold_tail(self, done: int) -> int:
         self._cache.forget()
         with self._conn() as conn, conn.transaction():
-            conn.execute("SELECT seq FROM log_head FOR UPDATE")  # no append meanwhile
-            events = list(self.iter_events(Filter(after=done)))
-            order_ids = {e.stream[6:] for e in events if e.stream.startswith("order:")}
-            skus = {e.stream[4:] for e in events if e.stream.startswith("sku:")}
-            state = fold(events, State(_load_orders(conn, order_ids), _load_stock(conn, skus)))
-            _write_projections(conn, state.orders.values(), state.stock.values())
-            _set_projection_seq(conn, events[-1].seq)
+            self._pinned = conn  # the pool holds one connection: the reads below share this one
+            try:
+                conn.execute("SELECT seq FROM log_head FOR UPDATE")  # no append meanwhile
+                events = list(self.iter_events(Filter(after=done)))
+                order_ids = {e.stream[6:] for e in events if e.stream.startswith("order:")}
+                skus = {e.stream[4:] for e in events if e.stream.startswith("sku:")}
+                state = fold(events, State(_load_orders(conn, order_ids), _load_stock(conn, skus)))
+                _write_projections(conn, state.orders.values(), state.stock.values())
+                _set_projection_seq(conn, events[-1].seq)
+            finally:
+                self._pinned = None
         return len(events)
 
     def fold_log(self, progress: Callable[[int, int], None] | None = None) -> tuple[State, int]:
@@ -410,7 +414,10 @@ def _write_batch(conn: psycopg.Connection, rows: BatchRows) -> None:
     updated = [(o.status, o.ship_to, o.note, o.version, o.updated_at, o.last_seq, o.order_id)
                for o in rows.orders.values() if o.order_id not in created]
     if updated:
-        conn.cursor().executemany(_ORDER_UPDATE, updated)
+        with conn.cursor() as cursor:
+            cursor.executemany(_ORDER_UPDATE, updated)  # rowcount: the sum over the statements
+            if cursor.rowcount != len(updated):  # a row that should exist does not: never drop an update
+                _write_projections(conn, (o for o in rows.orders.values() if o.order_id not in created), ())
     _write_projections(conn, (rows.orders[order_id] for order_id in created), rows.stock.values())
     _set_projection_seq(conn, rows.last_seq)
     newest = rows.events[-1]
