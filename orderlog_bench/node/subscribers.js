@@ -79,6 +79,7 @@ function onMessage(conn, data) {
   if (reply.type === 'subscribed') {
     conn.chains.set(reply.channel, { channel: reply.channel, last: reply.since, count: 0, error: null });
     subscribed += 1;
+    if (conn.settle) conn.settle();
     if (subscribed === wanted) ready();
   } else if (reply.type === 'error') {
     error(`${conn.user}: error ${reply.code}: ${reply.message}`);
@@ -96,20 +97,36 @@ function ready() {
 }
 const setupTimer = setTimeout(ready, (config.setup_timeout || 120) * 1000);
 
-// Several nodes of one log (config.urls): subscriber i connects to urls[i % urls.length].
+// Several nodes of one log (config.urls): subscriber i connects to urls[i % urls.length]. At most
+// OPENING handshakes are in flight at once, as when clients arrive, not all at one instant: a
+// server keeps a share of its connection slots for handshakes and answers 503 beyond it.
+const OPENING = 200;
 const urls = config.urls || [config.url];
-config.subs.forEach(([token, user, role, channel, prefix], i) => {
+wanted = config.subs.length;
+let nextSub = 0;
+let opening = 0;
+function openMore() {
+  while (opening < OPENING && nextSub < config.subs.length) openOne(nextSub++);
+}
+function openOne(i) {
+  const [token, user, role, channel, prefix] = config.subs[i];
   const url = urls[i % urls.length];
   const sep = url.includes('?') ? '&' : '?';
   const ws = new WebSocket(url + sep + 'token=' + encodeURIComponent(token), { perMessageDeflate: false });
-  const conn = { ws, user, role, prefix, chains: new Map(), closed: false };
+  const conn = { ws, user, role, prefix, chains: new Map(), closed: false, settle: null };
+  opening += 1;
+  conn.settle = () => { conn.settle = null; opening -= 1; openMore(); };  // subscribed, failed or closed
   conns.push(conn);
-  wanted += 1;
   ws.on('open', () => ws.send(JSON.stringify({ type: 'subscribe', channel })));
   ws.on('message', (data) => onMessage(conn, data));
-  ws.on('error', (e) => { error(`${user}: ${e.message}`); if (!readySent) ready(); });
-  ws.on('close', (code) => { conn.closed = true; if (!stopping) error(`${user}: closed ${code}`); });
-});
+  ws.on('error', (e) => { error(`${user}: ${e.message}`); if (conn.settle) conn.settle(); if (!readySent) ready(); });
+  ws.on('close', (code) => {
+    conn.closed = true;
+    if (conn.settle) conn.settle();
+    if (!stopping) error(`${user}: closed ${code}`);
+  });
+}
+openMore();
 
 let stopping = false;
 function finish(expected) {
