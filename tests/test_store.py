@@ -500,6 +500,25 @@ def test_projections_behind_the_log_are_caught_up_on_open(backend, data, sequenc
             store.close()
 
 
+def test_a_catch_up_that_read_a_stale_projection_seq_folds_nothing_twice(store):
+    """Opening the log reads meta.projection_seq and then the head; another writer (a node, or a
+    second process on the file) may append in between, folding its own events. The catch-up
+    must fold only what is still missing once it holds the write lock (`_fold_tail` is called
+    with the stale value the race would give it)."""
+    for request in (add_stock("sku-a", 5), add_stock("sku-a", 7), place(C1, "o-1", [("sku-a", 2)])):
+        assert isinstance(one(store, request), Ack)
+    assert store.projection_seq() == store.head() == 4
+    assert store._fold_tail(1) == 0  # read 1, but seq 2..4 were folded by their own appends
+    assert store.get_stock("sku-a").available == 10
+    check_log_invariants(store)
+    # and when something is missing, only that is folded
+    write_behind(store, [("UPDATE meta SET value = ? WHERE key = 'projection_seq'", [("3",)]),
+                         ("UPDATE stock SET available = 12, reserved = 0, version = 2, last_seq = 2 "
+                          "WHERE sku = ?", [("sku-a",)])])  # sku-a as of seq 3
+    assert store._fold_tail(1) == 1
+    check_log_invariants(store)
+
+
 # -- acks and idempotency examples -------------------------------------------------------------
 
 

@@ -352,7 +352,13 @@ class Store:
         self._cache.forget()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
+            # Read again under the write lock: another writer on this file may have appended (and
+            # folded its events) since `done` was read; folding those again would count them twice.
+            done = self.projection_seq()
             events = list(self.iter_events(Filter(after=done)))
+            if not events:
+                self.conn.execute("COMMIT")
+                return 0
             order_ids = {e.stream[6:] for e in events if e.stream.startswith("order:")}
             skus = {e.stream[4:] for e in events if e.stream.startswith("sku:")}
             state = State(projections.load_orders(self.conn, order_ids), projections.load_stock(self.conn, skus))

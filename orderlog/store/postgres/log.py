@@ -332,7 +332,12 @@ class PgStore:
             self._pinned = conn  # the pool holds one connection: the reads below share this one
             try:
                 conn.execute("SELECT seq FROM log_head FOR UPDATE")  # no append meanwhile
+                # Read again under the lock: a node may have appended (and folded its events)
+                # since `done` was read; folding those again would count them twice.
+                done = self.projection_seq()
                 events = list(self.iter_events(Filter(after=done)))
+                if not events:
+                    return 0
                 order_ids = {e.stream[6:] for e in events if e.stream.startswith("order:")}
                 skus = {e.stream[4:] for e in events if e.stream.startswith("sku:")}
                 state = fold(events, State(_load_orders(conn, order_ids), _load_stock(conn, skus)))
