@@ -512,6 +512,13 @@ def test_orderlog_js_rotates_through_several_urls_and_resumes_on_the_next(tmp_pa
             window.client.subscribe("orders", { since: 0, onEvent: (e) => window.events.push([e.seq, e.prev, e.stream]) });
             window.client.start();
         }""", [[first.url, second.url], token("s2", "staff")])
+        refused = page.evaluate("""async () => {
+            const { OrderlogClient } = await import("/orderlog.js");
+            return [[], [""], [42], ""].map((urls) => {
+                try { new OrderlogClient(urls, "t"); return "accepted"; } catch (e) { return e.name; }
+            });
+        }""")
+        assert refused == ["TypeError"] * 4
         send_commands(second.url, "c1", "customer", [("place_order", "o-1", order("kibble", 1))])
         page.wait_for_function("window.events.length === 1")
         assert page.evaluate("window.client.url") == second.url

@@ -14,6 +14,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import cli_env
 
@@ -318,6 +320,53 @@ def test_a_newer_schema_is_a_one_line_error(cli, seeded_db, command):
 def test_bad_flags_are_a_one_line_usage_error(cli, seeded_db, flags, fragment):
     """A malformed or unknown flag: one line naming it, exit 2, nothing run."""
     assert_one_line_error(cli(*flags, "--db", seeded_db), fragment)
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("", "non-empty"),
+    ("127.0.0.1:8765", "not a ws:// or wss:// URL"),
+    ("http://127.0.0.1:8765/v1/ws", "not a ws:// or wss:// URL"),
+    ("ws://", "names no host"),
+    ("ws://127.0.0.1:99999/v1/ws", "Port out of range"),
+    ("ws://127.0.0.1:99999999999999999999999999/v1/ws", "Port out of range"),
+    ("ws://h:abc/v1/ws", "not a URL"),
+    ("ws://[::1/v1/ws", "Invalid IPv6 URL"),
+    ("ws://" + "a" * 70 + ".example/v1/ws", "cannot be encoded"),
+    ("ws://h\udcff/v1/ws", "cannot be encoded"),  # a lone surrogate: the byte 0xff in argv
+])
+def test_a_bad_tail_url_is_a_one_line_usage_error(url, fragment):
+    """Each --url (there may be several, one per node) is checked before anything connects: a
+    malformed one is one line naming the flag, exit 2, not a traceback from the reconnect loop."""
+    done = subprocess.run([sys.executable, "-m", "orderlog.cli", "tail", "--url", "ws://127.0.0.1:1/v1/ws",
+                           "--url", url, "--token", "x", "--channel", "orders"],
+                          env=cli_env(), capture_output=True, text=True, errors="surrogateescape", timeout=60)
+    assert_one_line_error(done, "--url", fragment)
+
+
+def test_several_urls_are_kept_in_order_and_rotated_in_a_circle():
+    from orderlog.client.common import Urls
+
+    urls = Urls(["ws://a:8765/v1/ws", "wss://b/v1/ws"])
+    seen = []
+    for _ in range(5):
+        seen.append(urls.current)
+        urls.next()
+    assert seen == ["ws://a:8765/v1/ws", "wss://b/v1/ws"] * 2 + ["ws://a:8765/v1/ws"]
+    assert Urls("ws://a/v1/ws").all == ["ws://a/v1/ws"]
+    for bad in ([], ["ws://a/v1/ws", ""], [b"ws://a/v1/ws"], ["ws://a/v1/ws", "http://b/"]):
+        with pytest.raises(ValueError):
+            Urls(bad)
+
+
+@given(st.one_of(st.text(), st.builds(lambda s: "ws://" + s, st.text()), st.builds(lambda s: "wss://h:" + s, st.text())))
+def test_check_url_returns_the_url_or_raises_value_error_only(url):
+    """Whatever text the clients or `tail` are given as a URL: a ValueError or the URL itself."""
+    from orderlog.client.common import check_url
+
+    try:
+        assert check_url(url) == url
+    except ValueError as exc:
+        assert str(exc)
 
 
 @pytest.mark.parametrize("flag", ["--from-time", "--to-time"])

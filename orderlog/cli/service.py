@@ -14,6 +14,7 @@ from functools import partial
 
 from .. import auth
 from ..auth import ALGORITHMS
+from ..client.common import check_url
 from ..domain import Role
 from ..service import gcpolicy, logs
 from ..service.settings import Settings
@@ -325,7 +326,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         "reconnects with exponential backoff and jitter (waits of 0.5-1 s, 1-2 s, 2-4 s ... up to 15-30 s, "
         "starting over after a connection that stayed up 10 s) and resumes after the last seq it printed.",
     )
-    tail.add_argument("--url", action="append", metavar="URL",
+    tail.add_argument("--url", action="append", metavar="URL", type=flag_type(check_url),
                       help=f"server URL (default {DEFAULT_TAIL_URL}); repeat it for several nodes of one log: "
                       "after a failed connect or a lost connection, tail moves to the next one and resumes there")
     tail.add_argument("--token", help="JWT (env ORDERLOG_TOKEN)")

@@ -8,6 +8,7 @@ import inspect
 import json
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, Union
+from urllib.parse import urlsplit
 
 from ..session import TokenUnavailable
 
@@ -16,14 +17,36 @@ from ..session import TokenUnavailable
 TokenSource = Union[str, Callable[[], str], Callable[[], Awaitable[str]]]
 
 
+def check_url(url: object) -> str:
+    """`url` when it is a ws:// or wss:// URL with a host (and a port in range); else ValueError
+    saying what is wrong, in one line (`orderlog tail --url` shows it as a usage error)."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"a server URL must be a non-empty string, not {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"{url!r} is not a ws:// or wss:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host")
+    try:
+        url.encode("utf-8")
+        parts.hostname.encode("idna")  # what connecting does with it
+    except UnicodeError:
+        raise ValueError(f"{url!r} is not a URL: its host or text cannot be encoded") from None
+    return url
+
+
 class Urls:
     """The server URLs of one log (several nodes behind no load balancer, or a fallback): a client
     stays on the current one while it works and moves to the next after every failed connect or
     lost connection, in a circle; a single URL is simply retried."""
 
     def __init__(self, url: str | Sequence[str]) -> None:
-        self.all = [url] if isinstance(url, str) else list(url)
-        if not self.all or not all(isinstance(u, str) and u for u in self.all):
+        self.all = [check_url(u) for u in ([url] if isinstance(url, str) else url)]
+        if not self.all:
             raise ValueError("a client needs at least one server URL")
         self._index = 0
 

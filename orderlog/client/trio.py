@@ -236,8 +236,9 @@ async def connect(url: str | Sequence[str], token: TokenSource, **options: Any) 
 
     `url` is the server's URL, or a list of the URLs of several nodes of one log: the client
     moves to the next one after every failed connect or lost connection. `token` is a JWT, or a
-    provider: a function (sync or async) that returns one, called before every connect and before the token expires (sent in band). A refused token raises
-    AuthenticationFailed itself, not inside an exception group.
+    provider: a function (sync or async) that returns one, called before every connect and
+    before the token expires (sent in band). A refused token raises AuthenticationFailed itself,
+    not inside an exception group.
     """
     try:
         async with trio.open_nursery() as nursery:
