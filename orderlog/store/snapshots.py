@@ -107,6 +107,7 @@ def _count_at(conn: sqlite3.Connection, channel: Channel, seq: int) -> int:
 READ_BYTES = 1024 * 1024  # rows' JSON read per step of a snapshot, about (see _read_page)
 # Fits any frame's head (channel name up to 72 bytes, seq and total up to 20 digits each).
 _FRAME_OVERHEAD = 200
+_CHUNK_BYTES = (MAX_FRAME_BYTES - _FRAME_OVERHEAD) * 9 // 10  # what a chunk aims at: one frame, with room
 
 
 def _read_page(conn: sqlite3.Connection, channel: Channel, seq: int, after: str, limit: int
@@ -128,8 +129,8 @@ def _read_page(conn: sqlite3.Connection, channel: Channel, seq: int, after: str,
         left -= min(left, chunk_rows)
         rows += sum(count for _, count in chunk)
         size += sum(len(text) for text, _ in chunk)
-        if rows:
-            chunk_rows = max(1, min(MAX_ROWS, MAX_FRAME_BYTES * rows // max(size, 1)))
+        if rows:  # about 90% of a frame, by the rows so far: nearly every chunk takes the fast path
+            chunk_rows = max(1, min(MAX_ROWS, _CHUNK_BYTES * rows // max(size, 1)))
     return pieces, more
 
 
@@ -138,8 +139,9 @@ def _read_chunk(conn: sqlite3.Connection, channel: Channel, seq: int, after: str
     """Up to `limit` (<= MAX_ROWS) rows after `after`, as pieces; and the key to read on from.
 
     Usually one piece: SQLite joins the rows itself (with the GIL released, so the other threads
-    go on meanwhile). When a row changed after `seq`, or the rows would not fit in one frame,
-    they are read again row by row.
+    go on meanwhile). Rows that would not fit in one frame are read again, fewer of them (the
+    caller's estimate aims at 90% of a frame, so this is rare). When a row changed after `seq`,
+    or one row alone is too big for the fast path's checks, they are read again row by row.
     """
     table, key, expression, (where, *params) = _source(channel)
     text, newest, count, size, last_key = conn.execute(
@@ -149,8 +151,11 @@ def _read_chunk(conn: sqlite3.Connection, channel: Channel, seq: int, after: str
     if not count:
         return [], None
     more = last_key if count == limit else None
-    if newest <= seq and count <= MAX_ROWS and size + _FRAME_OVERHEAD <= MAX_FRAME_BYTES:
-        return [(text, count)], more
+    if newest <= seq and count <= MAX_ROWS:
+        if size + _FRAME_OVERHEAD <= MAX_FRAME_BYTES:
+            return [(text, count)], more
+        if count > 1:  # unchanged, only too big for one frame: read fewer rows, again in one piece
+            return _read_chunk(conn, channel, seq, after, max(1, _CHUNK_BYTES * count // size))
     rows = conn.execute(
         f"SELECT {key}, last_seq, CAST({expression} AS BLOB) FROM {table} WHERE {key} > ? AND {where} "
         f"ORDER BY {key} LIMIT ?", [after, *params, limit]).fetchall()
