@@ -144,12 +144,13 @@ def _read_chunk(conn: sqlite3.Connection, channel: Channel, seq: int, after: str
     or one row alone is too big for the fast path's checks, they are read again row by row.
     """
     table, key, expression, (where, *params) = _source(channel)
-    text, newest, count, size, last_key = conn.execute(
-        f"SELECT CAST(group_concat(j, ',') AS BLOB), max(last_seq), count(*), sum(length(j)) + count(*) - 1, max(k) "
-        f"FROM (SELECT {key} AS k, last_seq, CAST({expression} AS BLOB) AS j FROM {table} "
+    text, newest, count, last_key = conn.execute(
+        f"SELECT CAST(group_concat(j, ',') AS BLOB), max(last_seq), count(*), max(k) "
+        f"FROM (SELECT {key} AS k, last_seq, {expression} AS j FROM {table} "
         f"WHERE {key} > ? AND {where} ORDER BY {key} LIMIT ?)", [after, *params, limit]).fetchone()
     if not count:
         return [], None
+    size = len(text)  # the UTF-8 bytes of the rows and their commas
     more = last_key if count == limit else None
     if newest <= seq and count <= MAX_ROWS:
         if size + _FRAME_OVERHEAD <= MAX_FRAME_BYTES:
