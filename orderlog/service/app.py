@@ -86,6 +86,7 @@ class Service:
         self._idle: trio.CancelScope | None = None  # the writer's wait for a command, while it waits
         self._listener = None  # the store's wake-up from other nodes (PostgreSQL), while the writer runs
         self.write_error: str | None = None  # why the last commit failed, until one succeeds
+        self.last_commit = float("-inf")  # trio.current_time() when a batch of commands last committed
         self.metrics = Metrics(head=lambda: self.hub.head, lag=self.max_lag)
         self.clock = Clock()
         self.checkpointer = (Checkpointer(self.store, settings.checkpoint_key, settings.checkpoint_every)
@@ -298,6 +299,7 @@ class Service:
             outcomes = [Rejected(ErrorCode.INTERNAL, "internal error; the command was not applied")] * len(batch)
             events = []
         if batch:
+            self.last_commit = trio.current_time()
             self.metrics.batch_size.observe(len(batch))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
         if events:
