@@ -47,7 +47,7 @@ class Readers:
         # catch-up pages always find one free whatever the number of snapshots being sent; they
         # run in a thread of their own, at a lower CPU priority.
         self._bulk = trio.CapacityLimiter(max(1, count - 1))
-        self._bulk_thread = NicedThread(BULK_NICE, "orderlog bulk reads")
+        self._bulk_thread = NicedThread(BULK_NICE, "orderlog bulk")
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._limiter:
