@@ -338,6 +338,70 @@ def test_dashboard_on_a_seeded_log_starts_from_snapshots(seeded_db: Path, browse
         server.stop()
 
 
+def test_dashboard_counts_up_while_the_orders_snapshot_comes_in(tmp_path: Path, browser) -> None:
+    """Until the last frame of the `orders` snapshot is in, the tiles count the rows so far and
+    the table is not drawn ("Loading orders: n of total"); with the last frame, the table is.
+    The page talks to the real server through Playwright's WebSocket route, which holds back
+    the server's frames from the last snapshot frame of `orders` on until the test lets them go."""
+    import re
+
+    from playwright.sync_api import expect
+
+    db = tmp_path / "many.db"
+    done = subprocess.run([sys.executable, "-m", "orderlog.cli", "seed", "--db", str(db), "--commands", "6000",
+                           "--seed", "3"], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    store = Store.open(str(db), readonly=True)
+    try:
+        total = len(store.stored_projections().orders)
+    finally:
+        store.close()
+    assert total > 1000  # so that the snapshot takes several frames
+    server = ServerProcess(db, free_port())
+    server.start()
+    held: list[str] = []
+    routes: list = []
+    holding = [False]
+
+    def route(ws) -> None:
+        upstream = ws.connect_to_server()
+
+        def from_server(message) -> None:
+            if isinstance(message, str) and message.startswith('{"type":"snapshot","channel":"orders"') \
+                    and '"last":true' in message:
+                holding[0] = True
+            if holding[0]:
+                held.append(message)
+            else:
+                ws.send(message)
+
+        upstream.on_message(from_server)
+        routes.append(ws)
+
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(PAGE_TIMEOUT)
+        page.route_web_socket(re.compile(r".*/v1/ws.*"), route)
+        page.goto(f"http://127.0.0.1:{server.port}/dashboard")
+        page.fill("#token", token("s1", "staff"))
+        page.click("#sign-in-form button[type=submit]")
+        loading = page.locator("#orders-empty")
+        expect(loading).to_have_text(re.compile(r"Loading orders: [\d,.\s]+ of [\d,.\s]+…"))
+        assert held, "the last frame of the orders snapshot was not held back"
+        shown = int(page.locator('.tile[data-status="all"] .n').inner_text())
+        got, of = (int(re.sub(r"\D", "", part)) for part in loading.inner_text()[len("Loading orders: "):-1].split(" of "))
+        assert 0 < shown == got < total == of
+        expect(page.locator("#orders tbody tr")).to_have_count(0)
+        holding[0] = False
+        for message in held:
+            routes[-1].send(message)
+        expect(page.locator('.tile[data-status="all"] .n')).to_have_text(str(total))
+        expect(page.locator("#orders tbody tr")).to_have_count(min(500, total))
+        expect(loading).to_be_hidden()
+    finally:
+        server.stop()
+
+
 def test_dashboard_starts_over_after_a_restored_backup(tmp_path: Path, browser) -> None:
     """The issue's scenario in the browser: a backup, more orders the page shows, a restore, new
     orders past the page's seq; the page (through orderlog.js's anchored resume) gets
