@@ -84,9 +84,9 @@ class Pending:
 
 
 class Handoff:
-    """A result that a worker thread hands to one trio task: `arrived(outcome)` (through the
-    trio token, in the run's thread), `await wait()` (not cancellable: the thread's work cannot
-    be abandoned)."""
+    """A result that a worker thread hands to one trio task: `_arrived(outcome)` (called through
+    the trio token, in the run's thread), `await wait()` (not cancellable: the thread's work
+    cannot be abandoned)."""
 
     def __init__(self) -> None:
         self._result: Any = None  # an outcome.Outcome once the thread is done

@@ -122,7 +122,7 @@ def _read_page(conn: sqlite3.Connection, channel: Channel, seq: int, after: str,
     pieces: list[tuple[bytes, int]] = []
     left, size, rows = limit, 0, 0
     more: str | None = after
-    chunk_rows = MAX_ROWS
+    chunk_rows = MAX_ROWS // 2  # until the first chunk tells how big this channel's rows are
     while left > 0 and more is not None and size < READ_BYTES:
         chunk, more = _read_chunk(conn, channel, seq, more, min(left, chunk_rows))
         pieces += chunk
