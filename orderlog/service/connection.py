@@ -37,7 +37,7 @@ MAX_INFLIGHT = 256  # commands of one connection waiting for their ack
 # While commands commit (one did in the last SNAPSHOT_BUSY seconds), a snapshot pauses after each
 # page for SNAPSHOT_YIELD times the time the page took to read: its reads then take at most 4/7 of
 # the wall time, and on 2 cores 50 other clients kept about 0.85x their command rate while the
-# snapshot still streamed 50,000-70,000 rows/s (README, "Snapshots and the dashboard"); with no
+# snapshot still streamed 45,000-70,000 rows/s (README, "Snapshots and the dashboard"); with no
 # commands it runs at full speed.
 SNAPSHOT_BUSY = 0.1
 SNAPSHOT_YIELD = 0.75
