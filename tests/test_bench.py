@@ -184,3 +184,37 @@ def test_only_the_named_baseline_runs(tmp_path: Path) -> None:
     assert code == 0, err[-3000:]
     targets = set(report["scenarios"]["fanout"]["targets"])
     assert targets == {"websockets", "orderlog"}, targets
+
+
+# -- the scripts under bin/ that measure snapshots and the dashboard ----------------------------
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+def test_bench_snapshot_runs_end_to_end_on_a_small_log(seeded_db: Path) -> None:
+    """bin/bench_snapshot on the seeded log, at a tiny size: every figure is printed, the snapshot
+    held every order, and commands went through in all three phases."""
+    done = subprocess.run([sys.executable, str(HERE / "bin" / "bench_snapshot"), "--db", str(seeded_db), "--repeat", "1",
+                           "--seconds", "0.5", "--clients", "3"], env=cli_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next(line for line in done.stdout.splitlines() if line.startswith("run 1: "))
+    figures = dict(part.rsplit(" ", 1) for part in run[len("run 1: "):].split(", "))
+    rows = float(figures["rows"].replace(",", ""))
+    assert rows > 0 and float(figures["commands_per_s_alone"].replace(",", "")) > 0
+    assert float(figures["commands_per_s_with_snapshots"].replace(",", "")) > 0
+    assert "CPU s over 0.5 s, alone:" in done.stdout and "server orderlog writer" in done.stdout
+    assert "median ratio:" in done.stdout
+
+
+def test_bench_dashboard_runs_end_to_end_on_a_small_log(seeded_db: Path, chromium: str) -> None:
+    """bin/bench_dashboard on the seeded log, in Debian's chromium: the page loads every count
+    (the script waits for them), the live order shows, and both replays count every event."""
+    done = subprocess.run([sys.executable, str(HERE / "bin" / "bench_dashboard"), "--db", str(seeded_db), "--repeat",
+                           "1"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = next(line for line in done.stdout.splitlines() if line.startswith("run 1: "))
+    figures = dict(part.rsplit(" ", 1) for part in run[len("run 1: "):].split(", "))
+    assert float(figures["replay_events"].replace(",", "")) > 0
+    for key in ("loaded_s", "live_s", "replay_events_per_s", "bare_replay_messages_per_s"):
+        assert float(figures[key].replace(",", "")) > 0, key
