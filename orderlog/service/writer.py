@@ -51,21 +51,21 @@ class Readers:
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._limiter:
-            store = self._free.pop()
-            try:
-                return await trio.to_thread.run_sync(fn, store, *args)
-            finally:
-                self._free.append(store)
+            return await self._on_free_reader(trio.to_thread.run_sync, fn, *args)
 
     async def run_bulk(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`run`, for a long series of reads (a snapshot's steps): at most count - 1 at a time,
         in the niced thread."""
         async with self._bulk, self._limiter:
-            store = self._free.pop()
-            try:
-                return await self._bulk_thread.run(fn, store, *args)
-            finally:
-                self._free.append(store)
+            return await self._on_free_reader(self._bulk_thread.run, fn, *args)
+
+    async def _on_free_reader(self, runner: Callable[..., Any], fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(store, *args)` on a free reader, through `runner` (a thread); the caller holds a slot."""
+        store = self._free.pop()
+        try:
+            return await runner(fn, store, *args)
+        finally:
+            self._free.append(store)
 
     async def call(self, method: str, *args: Any) -> Any:
         """`store.<method>(*args)` on a free reader (SQLite or PostgreSQL, whichever the log is)."""
